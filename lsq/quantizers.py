@@ -1,0 +1,237 @@
+"""Fake quantization for LSQ and LSQ+: the function with its exact gradients, and the modules.
+
+A b-bit quantizer maps x to integer codes in [qmin, qmax] and back:
+
+    v     = (x - offset) / scale
+    x_hat = round(clamp(v, qmin, qmax)) * scale + offset
+
+Gradients (straight-through estimator for round; "inside" is strict, qmin < v < qmax, so a value
+exactly on a bound counts as clipped, as in LSQ's equation 3):
+
+    d x_hat / d x      = 1 inside, 0 outside
+    d x_hat / d scale  = round(v) - v inside, qmin if v <= qmin, qmax if v >= qmax
+    d x_hat / d offset = 0 inside, 1 outside
+
+The scale and offset gradients are multiplied by ``grad_scale`` (LSQ's g = 1 / sqrt(N * qmax)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lsq.errors import LSQError
+
+#: Smallest scale a quantizer ever uses. Dead (all-zero) weight channels sit here; keeps every
+#: division finite whatever the optimizer does to the raw parameter.
+SCALE_FLOOR = 1e-8
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The integer code range [qmin, qmax] of a b-bit quantizer."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """Forward and backward in one place, so the value never depends on whether grad is on."""
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, qmin, qmax, grad_scale):  # noqa: D102
+        v = x - offset if offset is not None else x
+        v = v / scale
+        q = v.clamp(qmin, qmax).round_()
+        out = q * scale
+        if offset is not None:
+            out = out + offset
+        if any(ctx.needs_input_grad[:3]):
+            inside = (v > qmin) & (v < qmax)
+            # d x_hat / d scale: round(v) - v inside; the bound (qmin or qmax, which q equals) outside.
+            ds = q - v * inside if ctx.needs_input_grad[1] else None
+            ctx.save_for_backward(inside, ds)
+            ctx.shapes = (scale.shape, None if offset is None else offset.shape)
+            ctx.grad_scale = grad_scale
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        inside, ds = ctx.saved_tensors
+        scale_shape, offset_shape = ctx.shapes
+        grad_out = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
+        grad_x = grad_out * inside
+        grad_scale = grad_offset = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad_out * ds).sum_to_size(scale_shape) * ctx.grad_scale
+        if offset_shape is not None and ctx.needs_input_grad[2]:
+            # d/d offset = 1 outside. g - g*inside is exactly g outside and 0 inside, elementwise.
+            grad_offset = (grad_out - grad_x).sum_to_size(offset_shape) * ctx.grad_scale
+        if not ctx.needs_input_grad[0]:
+            grad_x = None
+        return grad_x, grad_scale, grad_offset, None, None, None
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    offset: Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_scale: float = 1.0,
+) -> Tensor:
+    """Quantize x to integers in [qmin, qmax] and back, with LSQ/LSQ+ gradients.
+
+    ``scale`` and ``offset`` broadcast against ``x``: a 0-d tensor is per-tensor, a [C, 1, 1, 1]
+    tensor is per-output-channel. ``offset=None`` is a symmetric quantizer (offset fixed at 0).
+    ``grad_scale`` multiplies the gradients of scale and offset, not of x.
+    """
+    if qmin >= qmax:
+        raise LSQError(f"quantizer range is empty: qmin={qmin} must be below qmax={qmax}")
+    return _FakeQuantize.apply(x, scale, offset, int(qmin), int(qmax), float(grad_scale))
+
+
+class Quantizer(nn.Module):
+    """A learnable b-bit fake quantizer for weights or activations.
+
+    ``signed`` picks the integer grid ([-2^(b-1), 2^(b-1)-1] or [0, 2^b-1]); ``asymmetric`` adds
+    LSQ+'s learnable continuous offset (on the unsigned grid). ``per_channel`` gives one scale per
+    slice along dim 0 (output channels of a weight). ``learnable=False`` freezes scale and offset
+    (static min/max ranges). A quantizer starts uninitialised: set its range with ``set_range``.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        *,
+        signed: bool,
+        asymmetric: bool = False,
+        per_channel: bool = False,
+        channels: int = 1,
+        learnable: bool = True,
+        grad_scaling: bool = True,
+        role: str = "activation",
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        if asymmetric and signed:
+            raise LSQError("an asymmetric (LSQ+) quantizer uses the unsigned grid; signed=False")
+        self.bits = int(bits)
+        self.asymmetric = asymmetric
+        self.per_channel = per_channel
+        self.learnable = learnable
+        self.grad_scaling = grad_scaling
+        self.role = role
+        self.enabled = True
+        shape = (channels,) if per_channel else ()
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=learnable)
+        self.offset = nn.Parameter(torch.zeros(shape), requires_grad=learnable) if asymmetric else None
+        # Buffers so that a state dict round trip restores them.
+        self.register_buffer("signed_grid", torch.tensor(bool(signed)))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # --- the grid -----------------------------------------------------------------------------
+    @property
+    def signed(self) -> bool:
+        return bool(self.signed_grid)
+
+    @signed.setter
+    def signed(self, value: bool) -> None:
+        if value and self.asymmetric:
+            raise LSQError("an asymmetric (LSQ+) quantizer uses the unsigned grid")
+        self.signed_grid.fill_(bool(value))
+
+    @property
+    def qmin(self) -> int:
+        return int_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return int_range(self.bits, self.signed)[1]
+
+    def effective_scale(self) -> Tensor:
+        """The scale the forward uses: the parameter, never below SCALE_FLOOR."""
+        return self.scale.clamp_min(SCALE_FLOOR)
+
+    def _broadcast(self, t: Tensor | None, ndim: int) -> Tensor | None:
+        if t is None or not self.per_channel:
+            return t
+        return t.view(-1, *([1] * (ndim - 1)))
+
+    def clip_range(self) -> tuple[Tensor, Tensor]:
+        """The current clipping range [offset + qmin*scale, offset + qmax*scale], detached."""
+        s = self.effective_scale().detach()
+        b = self.offset.detach() if self.offset is not None else torch.zeros_like(s)
+        return b + self.qmin * s, b + self.qmax * s
+
+    def grad_scale_for(self, x: Tensor) -> float:
+        """LSQ's gradient scale g = 1 / sqrt(N * qmax).
+
+        N counts the elements that share one scale: per output channel for per-channel weights,
+        the whole tensor for per-tensor weights, and one sample's feature map for activations
+        (LSQ's choice, so g does not change with the batch size).
+        """
+        if not self.grad_scaling:
+            return 1.0
+        if self.per_channel:
+            n = x.numel() // max(x.shape[0], 1)
+        elif self.role == "activation" and x.dim() > 1:
+            n = x.numel() // max(x.shape[0], 1)
+        else:
+            n = x.numel()
+        return 1.0 / math.sqrt(max(n, 1) * self.qmax)
+
+    # --- state --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_range(self, scale: Tensor, offset: Tensor | None = None) -> None:
+        """Set scale (and offset) from an initializer; marks the quantizer initialised."""
+        scale = torch.as_tensor(scale, dtype=self.scale.dtype, device=self.scale.device)
+        self.scale.copy_(scale.reshape(self.scale.shape).clamp_min(SCALE_FLOOR))
+        if self.offset is not None:
+            off = torch.zeros(()) if offset is None else torch.as_tensor(offset)
+            self.offset.copy_(off.to(self.offset).reshape(self.offset.shape))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Pull the raw scale back above SCALE_FLOOR (call after each optimizer step)."""
+        self.scale.clamp_(min=SCALE_FLOOR)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            raise LSQError(
+                f"{self.role} quantizer used before initialisation: calibrate the model first"
+            )
+        s = self._broadcast(self.effective_scale(), x.dim())
+        b = self._broadcast(self.offset, x.dim())
+        return fake_quantize(x, s, b, self.qmin, self.qmax, self.grad_scale_for(x))
+
+    def extra_repr(self) -> str:
+        kind = "asymmetric" if self.asymmetric else ("signed" if self.signed else "unsigned")
+        pc = ", per_channel" if self.per_channel else ""
+        frozen = "" if self.learnable else ", frozen"
+        return f"{self.role}, bits={self.bits}, {kind}{pc}{frozen}, enabled={self.enabled}"
+
+
+def check_bits(bits: object, what: str = "bits") -> int:
+    """Validate a bit-width typed by a user: an integer from 2 to 8."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        if isinstance(bits, float) and bits.is_integer():
+            bits = int(bits)
+        else:
+            raise LSQError(f"{what} must be a whole number from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise LSQError(f"{what} must be from {MIN_BITS} to {MAX_BITS}, got {bits}")
+    return bits
+
+
+def project_scales_(model: nn.Module) -> None:
+    """Keep every quantizer's scale above SCALE_FLOOR; attach after the optimizer step."""
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.project_()

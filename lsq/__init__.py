@@ -3,7 +3,6 @@
 from lsq.config import METHODS, QuantConfig, make_config
 from lsq.convert import float_mode, quant_layers, quantize_model
 from lsq.errors import LSQError
-from lsq.models import load_model
 from lsq.quantizers import Quantizer, fake_quantize
 
 __all__ = [
@@ -18,3 +17,12 @@ __all__ = [
     "quant_layers",
     "quantize_model",
 ]
+
+
+def __getattr__(name: str):
+    # load_model pulls in timm and the bundled weights' package: import it only when asked for.
+    if name == "load_model":
+        from lsq.models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'lsq' has no attribute {name!r}")

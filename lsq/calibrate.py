@@ -49,7 +49,10 @@ class ActStats:
         return self.sum / self.count if self.count else 0.0
 
     def hist_edges(self) -> Tensor:
-        return self.hist_lo + torch.linspace(0, 1, HIST_BINS + 1, dtype=torch.float64) * self.hist_width
+        return (
+            self.hist_lo
+            + torch.linspace(0, 1, HIST_BINS + 1, dtype=torch.float64) * self.hist_width
+        )
 
     def update(self, x: Tensor, generator: torch.Generator) -> None:
         """Add a batch of values."""
@@ -82,7 +85,9 @@ class ActStats:
             else:
                 self.hist = torch.cat([merged, pad])
             self.hist_width *= 2
-        counts = torch.histc(x, bins=HIST_BINS, min=self.hist_lo, max=self.hist_lo + self.hist_width)
+        counts = torch.histc(
+            x, bins=HIST_BINS, min=self.hist_lo, max=self.hist_lo + self.hist_width
+        )
         self.hist += counts.double()
 
     def _update_sample(self, x: Tensor, n: int, generator: torch.Generator) -> None:
@@ -162,7 +167,9 @@ class LayerInit:
     mse: float
 
 
-def init_from_stats(model: nn.Module, stats: dict[str, ActStats], config: QuantConfig) -> list[LayerInit]:
+def init_from_stats(
+    model: nn.Module, stats: dict[str, ActStats], config: QuantConfig
+) -> list[LayerInit]:
     """Initialise every input quantizer from recorded statistics with the config's method."""
     report = []
     for name, layer in quant_layers(model).items():

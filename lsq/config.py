@@ -33,7 +33,7 @@ WEIGHT_INITS = ("3sigma", "lsq", "maxabs", "mse")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize a model. Frozen: derive variants with ``dataclasses.replace`` or ``with_``."""
+    """How to quantize a model. Frozen: derive variants with ``with_``."""
 
     method: str = "lsq+"
     w_bits: int = 4
@@ -62,7 +62,9 @@ class QuantConfig:
         _check_choice("act_init", self.act_init, ACT_INITS)
         _check_choice("weight_init", self.weight_init, WEIGHT_INITS)
         if isinstance(self.mse_refine_steps, bool) or not isinstance(self.mse_refine_steps, int):
-            raise LSQError(f"mse_refine_steps must be a whole number, got {self.mse_refine_steps!r}")
+            raise LSQError(
+                f"mse_refine_steps must be a whole number, got {self.mse_refine_steps!r}"
+            )
         if not 0 <= self.mse_refine_steps <= 10_000:
             raise LSQError(f"mse_refine_steps must be from 0 to 10000, got {self.mse_refine_steps}")
 
@@ -112,7 +114,9 @@ METHODS: dict[str, QuantConfig] = {
     # LSQ as used in practice: unsigned inputs, signed where calibration saw negatives.
     "lsq": QuantConfig("lsq", act_mode="auto", act_init="lsq", weight_init="lsq"),
     # The paper's "LSQ clips negatives" configuration: unsigned everywhere.
-    "lsq-unsigned": QuantConfig("lsq-unsigned", act_mode="unsigned", act_init="lsq", weight_init="lsq"),
+    "lsq-unsigned": QuantConfig(
+        "lsq-unsigned", act_mode="unsigned", act_init="lsq", weight_init="lsq"
+    ),
     # LSQ spending a sign bit on every input.
     "lsq-signed": QuantConfig("lsq-signed", act_mode="signed", act_init="lsq", weight_init="lsq"),
     # Static ranges from the observed min/max; nothing learned.
@@ -122,7 +126,9 @@ METHODS: dict[str, QuantConfig] = {
 }
 
 
-def make_config(method: str = "lsq+", w_bits: int = 4, a_bits: int = 4, **changes: Any) -> QuantConfig:
+def make_config(
+    method: str = "lsq+", w_bits: int = 4, a_bits: int = 4, **changes: Any
+) -> QuantConfig:
     """The preset ``method`` at the given bits, with optional field changes."""
     if method not in METHODS:
         raise LSQError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

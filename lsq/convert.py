@@ -82,7 +82,9 @@ def _first_and_last(model: nn.Module, names: list[str]) -> set[str]:
     return picked
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, example_input: Tensor | None = None) -> list[str]:
+def quantize_model(
+    model: nn.Module, config: QuantConfig, example_input: Tensor | None = None
+) -> list[str]:
     """Wrap every Conv2d/Linear of ``model`` in place; returns the wrapped layers' names.
 
     Weight quantizers are initialised at once from the weights; activation quantizers wait for
@@ -141,7 +143,9 @@ def quantizers(model: nn.Module) -> Iterator[Quantizer]:
             yield m
 
 
-def set_quantization(model: nn.Module, weights: bool | None = None, acts: bool | None = None) -> None:
+def set_quantization(
+    model: nn.Module, weights: bool | None = None, acts: bool | None = None
+) -> None:
     """Switch weight and/or activation quantizers on or off (None: leave as is)."""
     for layer in quant_layers(model).values():
         if weights is not None:
@@ -187,7 +191,9 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | None = None) -> lis
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(
-                m.register_forward_hook(lambda mod, i, o, n=name: produced.__setitem__(id(o), (n, o)))
+                m.register_forward_hook(
+                    lambda mod, i, o, n=name: produced.__setitem__(id(o), (n, o))
+                )
             )
         elif isinstance(m, nn.BatchNorm2d) and _bn_replacement(m) is not None:
 
@@ -206,15 +212,17 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | None = None) -> lis
         for h in hooks:
             h.remove()
     seen_convs = {}
-    for conv_name, bn_name in pairs:
+    for conv_name, _ in pairs:
         seen_convs[conv_name] = seen_convs.get(conv_name, 0) + 1
     for conv_name, bn_name in pairs:
         if seen_convs[conv_name] != 1:
             continue  # a conv feeding two BNs cannot be folded into both
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
-        inv = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(
-            bn.running_var + bn.eps
+        inv = (
+            bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            if bn.affine
+            else 1 / torch.sqrt(bn.running_var + bn.eps)
         )
         beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
         conv.weight.mul_(inv.reshape(-1, 1, 1, 1))

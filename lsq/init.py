@@ -86,7 +86,12 @@ def maxabs_init(w: Tensor, qmin: int, qmax: int, per_channel: bool = True) -> In
 
 
 def minmax_init(
-    x: Tensor, qmin: int, qmax: int, asymmetric: bool, lo: float | None = None, hi: float | None = None
+    x: Tensor,
+    qmin: int,
+    qmax: int,
+    asymmetric: bool,
+    lo: float | None = None,
+    hi: float | None = None,
 ) -> InitResult:
     """Min/max for a per-tensor activation quantizer.
 
@@ -116,7 +121,9 @@ def _result(
 
 
 # --- MSE search for activations -----------------------------------------------------------------
-def _hist_mse(centers: Tensor, counts: Tensor, s: Tensor, b: Tensor, qmin: int, qmax: int) -> Tensor:
+def _hist_mse(
+    centers: Tensor, counts: Tensor, s: Tensor, b: Tensor, qmin: int, qmax: int
+) -> Tensor:
     """Histogram estimate of the quantization MSE for K candidate (s, b) pairs at once."""
     total = counts.sum()
     out = torch.empty_like(s)
@@ -211,7 +218,9 @@ def mse_init(
             step /= 8
         scale, offset = s[best], None
 
-    result = _result(x.float(), scale.float(), None if offset is None else offset.float(), qmin, qmax, False)
+    result = _result(
+        x.float(), scale.float(), None if offset is None else offset.float(), qmin, qmax, False
+    )
     if refine_steps > 0:
         refined = _refine(x.float(), result, qmin, qmax, refine_steps)
         if refined.mse < result.mse:
@@ -234,7 +243,14 @@ def _refine(x: Tensor, start: InitResult, qmin: int, qmax: int, steps: int) -> I
         loss = (fake_quantize(x, s.clamp_min(SCALE_FLOOR), b, qmin, qmax) - x).pow(2).mean()
         loss.backward()
         opt.step()
-        cand = _result(x, s.detach().clamp_min(SCALE_FLOOR).clone(), None if b is None else b.detach().clone(), qmin, qmax, False)
+        cand = _result(
+            x,
+            s.detach().clamp_min(SCALE_FLOOR).clone(),
+            None if b is None else b.detach().clone(),
+            qmin,
+            qmax,
+            False,
+        )
         if cand.mse < best.mse:
             best = cand
     return best

@@ -51,11 +51,12 @@ class _FakeQuantize(torch.autograd.Function):
             out = out + offset
         if any(ctx.needs_input_grad[:3]):
             inside = (v > qmin) & (v < qmax)
-            # d x_hat / d scale: round(v) - v inside; the bound (qmin or qmax, which q equals) outside.
+            # d x_hat / d scale: round(v) - v inside; outside, the bound, which q equals there.
             ds = q - v * inside if ctx.needs_input_grad[1] else None
             ctx.save_for_backward(inside, ds)
             ctx.shapes = (scale.shape, None if offset is None else offset.shape)
             ctx.grad_scale = grad_scale
+            ctx.x_dtype = x.dtype
         return out.to(x.dtype)
 
     @staticmethod
@@ -70,8 +71,7 @@ class _FakeQuantize(torch.autograd.Function):
         if offset_shape is not None and ctx.needs_input_grad[2]:
             # d/d offset = 1 outside. g - g*inside is exactly g outside and 0 inside, elementwise.
             grad_offset = (grad_out - grad_x).sum_to_size(offset_shape) * ctx.grad_scale
-        if not ctx.needs_input_grad[0]:
-            grad_x = None
+        grad_x = grad_x.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale, grad_offset, None, None, None
 
 
@@ -128,7 +128,9 @@ class Quantizer(nn.Module):
         self.enabled = True
         shape = (channels,) if per_channel else ()
         self.scale = nn.Parameter(torch.ones(shape), requires_grad=learnable)
-        self.offset = nn.Parameter(torch.zeros(shape), requires_grad=learnable) if asymmetric else None
+        self.offset = (
+            nn.Parameter(torch.zeros(shape), requires_grad=learnable) if asymmetric else None
+        )
         # Buffers so that a state dict round trip restores them.
         self.register_buffer("signed_grid", torch.tensor(bool(signed)))
         self.register_buffer("initialized", torch.tensor(False))
@@ -224,7 +226,9 @@ def check_bits(bits: object, what: str = "bits") -> int:
         if isinstance(bits, float) and bits.is_integer():
             bits = int(bits)
         else:
-            raise LSQError(f"{what} must be a whole number from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+            raise LSQError(
+                f"{what} must be a whole number from {MIN_BITS} to {MAX_BITS}, got {bits!r}"
+            )
     if not MIN_BITS <= bits <= MAX_BITS:
         raise LSQError(f"{what} must be from {MIN_BITS} to {MAX_BITS}, got {bits}")
     return bits

@@ -93,7 +93,9 @@ def brute_force_asymmetric(x, qmin, qmax, n=120):
         return best
 
     span = hi0 - lo0
-    err, (lo, hi) = search(torch.linspace(lo0, lo0 + 0.6 * span, n), torch.linspace(lo0 + 0.05 * span, hi0, n))
+    err, (lo, hi) = search(
+        torch.linspace(lo0, lo0 + 0.6 * span, n), torch.linspace(lo0 + 0.05 * span, hi0, n)
+    )
     d = span / n
     err2, _ = search(torch.linspace(lo - d, lo + d, 41), torch.linspace(hi - d, hi + d, 41))
     return min(err, err2)
@@ -108,7 +110,9 @@ def test_mse_init_beats_minmax_and_matches_brute_force_on_skewed_data(bits):
     mm = minmax_init(x, qmin, qmax, asymmetric=True)
     assert mse.mse < mm.mse
     # The MSE it reports is the MSE its (scale, offset) reach on x.
-    assert mse.mse == pytest.approx(float(quant_mse(x, mse.scale, mse.offset, qmin, qmax)), rel=1e-5)
+    assert mse.mse == pytest.approx(
+        float(quant_mse(x, mse.scale, mse.offset, qmin, qmax)), rel=1e-5
+    )
     brute = brute_force_asymmetric(x, qmin, qmax)
     assert mse.mse <= brute * 1.01
 

@@ -1,0 +1,225 @@
+"""Where the quantization error comes from: model-level metrics, per-layer tables, sensitivity.
+
+Everything returns plain numbers or pandas DataFrames; plots.py draws them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from lsq.calibrate import ActStats
+from lsq.convert import QuantLayer, float_mode, quant_layers, quantizers
+from lsq.train import distillation_loss
+
+GROUPS = ("stem", "depthwise", "expansion", "projection", "conv", "head", "classifier")
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB; inf when exact."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if float(noise) == 0:
+        return math.inf
+    if float(signal) == 0:
+        return -math.inf
+    return float(10 * torch.log10(signal / noise))
+
+
+@torch.no_grad()
+def logits(model: nn.Module, views: Tensor, batch: int = 32) -> Tensor:
+    device = next(model.parameters()).device
+    model.eval()
+    return torch.cat(
+        [model(views[i : i + batch].to(device)).float().cpu() for i in range(0, len(views), batch)]
+    )
+
+
+@torch.no_grad()
+def model_metrics(
+    model: nn.Module, views: Tensor, teacher_logits: Tensor, labels: Tensor | None = None
+) -> dict[str, float]:
+    """Top-1 agreement and mean KL against the float model, logit SQNR; top-1 with labels.
+
+    ``confident_agreement`` counts only views where the float model's top probability is >= 0.5:
+    on unsure views a tiny change flips the top-1, so agreement there is mostly noise.
+    """
+    out = logits(model, views)
+    t = teacher_logits.float().cpu()
+    agree = out.argmax(-1) == t.argmax(-1)
+    confident = t.softmax(-1).amax(-1) >= 0.5
+    metrics = {
+        "agreement": float(agree.float().mean()),
+        "confident_agreement": float(agree[confident].float().mean())
+        if confident.any()
+        else math.nan,
+        "kl": float(distillation_loss(out, t)),
+        "logit_sqnr_db": sqnr_db(t, out),
+        "views": float(len(views)),
+    }
+    if labels is not None:
+        metrics["top1"] = float((out.argmax(-1) == labels.cpu()).float().mean())
+    return metrics
+
+
+def layer_group(layer: QuantLayer, name: str) -> str:
+    """Which part of an EfficientNet/MobileNet-style network a layer belongs to."""
+    if layer.first_or_last:
+        return "classifier" if layer.kind == "linear" else "stem"
+    if layer.kind == "linear":
+        return "classifier"
+    if layer.kind in ("depthwise", "grouped"):
+        return "depthwise"
+    if "head" in name.split(".")[-1]:
+        return "head"
+    conv = layer.layer
+    if conv.kernel_size == (1, 1):
+        return "expansion" if conv.out_channels > conv.in_channels else "projection"
+    return "conv"
+
+
+@torch.no_grad()
+def _layer_outputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    outs: dict[str, Tensor] = {}
+    handles = [
+        layer.register_forward_hook(lambda m, i, o, n=name: outs.__setitem__(n, o.detach().cpu()))
+        for name, layer in quant_layers(model).items()
+    ]
+    try:
+        model(x.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+@torch.no_grad()
+def layer_table(
+    model: nn.Module, stats: dict[str, ActStats] | None = None, views: Tensor | None = None
+) -> pd.DataFrame:
+    """One row per quantized layer: bits, ranges, clipping, and three SQNRs (dB).
+
+    weight_sqnr: the weight against its fake-quantized self. input_sqnr: the calibration sample
+    of the layer's input against its fake-quantized self (needs ``stats``). output_sqnr: the
+    layer's output in the quantized model against the float model on ``views`` (errors of
+    earlier layers included, as they reach this layer).
+    """
+    outputs_f = outputs_q = None
+    if views is not None:
+        model.eval()
+        with float_mode(model):
+            outputs_f = _layer_outputs(model, views)
+        outputs_q = _layer_outputs(model, views)
+    rows = []
+    for i, (name, layer) in enumerate(quant_layers(model).items()):
+        aq, wq = layer.input_quant, layer.weight_quant
+        lo, hi = (float(v) for v in aq.clip_range()) if bool(aq.initialized) else (math.nan,) * 2
+        w = layer.layer.weight
+        was = wq.enabled
+        wq.enabled = True
+        w_sqnr = sqnr_db(w, wq(w))
+        wq.enabled = was
+        row = {
+            "index": i,
+            "layer": name,
+            "kind": layer.kind,
+            "group": layer_group(layer, name),
+            "w_bits": wq.bits,
+            "a_bits": aq.bits,
+            "grid": "asymmetric" if aq.asymmetric else ("signed" if aq.signed else "unsigned"),
+            "range_lo": lo,
+            "range_hi": hi,
+            "weight_sqnr_db": w_sqnr,
+            "weights_on": wq.enabled,
+            "acts_on": aq.enabled,
+        }
+        if stats is not None and name in stats:
+            st = stats[name]
+            sample = st.sample
+            row.update(
+                observed_min=st.min,
+                observed_max=st.max,
+                negative_fraction=st.negative_fraction,
+                clipped_below=float((sample < lo).float().mean()) if sample.numel() else math.nan,
+                clipped_above=float((sample > hi).float().mean()) if sample.numel() else math.nan,
+            )
+            if bool(aq.initialized) and sample.numel():
+                was = aq.enabled
+                aq.enabled = True
+                row["input_sqnr_db"] = sqnr_db(sample, aq(sample.to(aq.scale.device)).cpu())
+                aq.enabled = was
+        if outputs_f is not None and name in outputs_f:
+            row["output_sqnr_db"] = sqnr_db(outputs_f[name], outputs_q[name])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def sensitivity(
+    model: nn.Module,
+    views: Tensor,
+    teacher_logits: Tensor,
+    by: str = "group",
+    parts: Iterable[str] = ("weights", "activations"),
+) -> pd.DataFrame:
+    """Quantize one group (or one layer) at a time, weights or activations only; model-level KL.
+
+    The rest of the model runs in float, so each row isolates one source of error. Every
+    quantizer's switch is restored afterwards.
+    """
+    layers = quant_layers(model)
+    if by == "group":
+        units: dict[str, list[QuantLayer]] = {}
+        for name, layer in layers.items():
+            units.setdefault(layer_group(layer, name), []).append(layer)
+    elif by == "layer":
+        units = {name: [layer] for name, layer in layers.items()}
+    else:
+        raise ValueError(f"by must be 'group' or 'layer', got {by!r}")
+    saved = [(q, q.enabled) for q in quantizers(model)]
+    rows = []
+    try:
+        for unit, members in units.items():
+            for part in parts:
+                for q, _ in saved:
+                    q.enabled = False
+                for layer in members:
+                    q = layer.weight_quant if part == "weights" else layer.input_quant
+                    q.enabled = True
+                m = model_metrics(model, views, teacher_logits)
+                rows.append(
+                    {
+                        "unit": unit,
+                        "part": part,
+                        "layers": len(members),
+                        "kl": m["kl"],
+                        "agreement": m["agreement"],
+                        "logit_sqnr_db": m["logit_sqnr_db"],
+                    }
+                )
+    finally:
+        for q, enabled in saved:
+            q.enabled = enabled
+    return pd.DataFrame(rows)
+
+
+def grid_levels(layer: QuantLayer) -> Tensor:
+    """The values an input quantizer can output: offset + k * scale, k = qmin..qmax."""
+    q = layer.input_quant
+    s = float(q.effective_scale().detach().mean())
+    b = float(q.offset.detach().mean()) if q.offset is not None else 0.0
+    return b + torch.arange(q.qmin, q.qmax + 1, dtype=torch.float64) * s
+
+
+def histogram_frame(stats: ActStats) -> pd.DataFrame:
+    """A layer's input histogram: left edge, right edge and count of each bin."""
+    edges = stats.hist_edges()
+    counts = stats.hist if stats.hist is not None else torch.zeros(len(edges) - 1)
+    return pd.DataFrame(
+        {"left": edges[:-1].numpy(), "right": edges[1:].numpy(), "count": counts.numpy()}
+    )

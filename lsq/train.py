@@ -1,0 +1,286 @@
+"""Short quantization-aware training, as a generator of progress events.
+
+The quantized model learns to match the float model (distillation, KL(float || quantized) on the
+logits) or labels (cross-entropy). BatchNorm stays in eval mode: the short runs here use small
+batches, whose statistics would be noisier than the pretrained running ones. The caller drives the
+loop, so it can draw progress, stop between steps, or run it in a thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsq.convert import quant_layers
+from lsq.errors import LSQError
+from lsq.quantizers import Quantizer, project_scales_
+
+OPTIMIZERS = ("adam", "sgd")
+LOSSES = ("kd", "ce")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a short QAT run.
+
+    Learning rates are per parameter group. With Adam a step moves a parameter by about ``lr``
+    whatever its gradient, so the rate must sit well below the parameter's size: weight scales are
+    ~1e-4..1e-2 (Adam at 1e-3 drove some below zero within 40 steps on the bundled model), hence
+    ``lr_weight_quant`` = 1e-5 like the weights; activation scales and offsets are ~1e-2..1, so
+    1e-3 moves them visibly in tens of steps without overshooting. With SGD, LSQ's gradient
+    scaling keeps the scale updates in proportion; use larger rates there (e.g. 1e-2).
+    """
+
+    steps: int = 50
+    batch_size: int = 16
+    optimizer: str = "adam"
+    lr_weights: float = 1e-5
+    lr_weight_quant: float = 1e-5
+    lr_act_quant: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    loss: str = "kd"
+    eval_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    train_weights: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LSQError(f"{name} must be a whole number of at least 1, got {v!r}")
+        if self.steps > 100_000:
+            raise LSQError(f"steps must be at most 100000, got {self.steps}")
+        for name in ("lr_weights", "lr_weight_quant", "lr_act_quant", "weight_decay", "momentum"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise LSQError(f"{name} must be a finite number, got {v!r}")
+            if v < 0 or (name.startswith("lr") and v > 10):
+                raise LSQError(f"{name} must be from 0 to 10, got {v}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LSQError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.loss not in LOSSES:
+            raise LSQError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        resolve_device(self.device)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto: CUDA when present, else CPU. Asking for CUDA without one is an error in words."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise LSQError("device 'cuda' was asked for, but no CUDA GPU is available; use cpu")
+        return torch.device("cuda")
+    raise LSQError(f"device must be auto, cpu or cuda, got {device!r}")
+
+
+@dataclass
+class TrainEvent:
+    """One step of progress. ``kind``: step, eval, done, stopped or error."""
+
+    kind: str
+    step: int
+    total: int
+    loss: float | None = None
+    lr_weights: float | None = None
+    lr_quant: float | None = None
+    agreement: float | None = None
+    kl: float | None = None
+    seconds: float = 0.0
+    message: str = ""
+    #: layer name -> (activation scale, activation offset, mean weight scale)
+    quantizers: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+
+
+def quantizer_snapshot(model: nn.Module) -> dict[str, tuple[float, float, float]]:
+    """Every layer's current activation scale and offset and its mean weight scale."""
+    out = {}
+    for name, layer in quant_layers(model).items():
+        a, w = layer.input_quant, layer.weight_quant
+        s = float(a.effective_scale().detach().mean())
+        b = float(a.offset.detach().mean()) if a.offset is not None else 0.0
+        out[name] = (s, b, float(w.effective_scale().detach().mean()))
+    return out
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(teacher || student) on the softmax of the logits, averaged over the batch."""
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), -1),
+        F.log_softmax(teacher_logits.float(), -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+@torch.no_grad()
+def agreement_and_kl(model: nn.Module, views: Tensor, teacher_logits: Tensor, batch: int = 32):
+    """Top-1 agreement with the teacher and mean KL(teacher || model) on ``views``."""
+    device = next(model.parameters()).device
+    agree, kl = 0.0, 0.0
+    for i in range(0, views.shape[0], batch):
+        logits = model(views[i : i + batch].to(device)).float()
+        t = teacher_logits[i : i + batch].to(device)
+        agree += float((logits.argmax(-1) == t.argmax(-1)).sum())
+        kl += float(distillation_loss(logits, t)) * logits.shape[0]
+    n = views.shape[0]
+    return agree / n, kl / n
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    act, wq, weights = [], [], []
+    quant_ids = set()
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            for p in m.parameters(recurse=False):
+                quant_ids.add(id(p))
+                if p.requires_grad:
+                    (act if m.role == "activation" else wq).append(p)
+    for p in model.parameters():
+        if id(p) not in quant_ids:
+            p.requires_grad_(cfg.train_weights)
+            if cfg.train_weights:
+                weights.append(p)
+    groups = [
+        {"params": weights, "lr": cfg.lr_weights, "name": "weights"},
+        {"params": wq, "lr": cfg.lr_weight_quant, "name": "weight_quant"},
+        {"params": act, "lr": cfg.lr_act_quant, "name": "act_quant"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def train(
+    model: nn.Module,
+    teacher: nn.Module,
+    train_views: Tensor,
+    eval_views: Tensor,
+    cfg: TrainConfig,
+    labels: Tensor | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[TrainEvent]:
+    """Run QAT on ``model`` (quantized and calibrated), yielding an event per step.
+
+    ``teacher`` is the float model: the distillation target (``cfg.loss == "kd"``) and the
+    reference for agreement; ``labels`` give class indices of ``train_views`` for cross-entropy.
+    A non-finite loss restores the state before the last update and ends with an ``error``
+    event; ``should_stop`` returning True ends with ``stopped``.
+    """
+    if train_views.shape[0] == 0 or eval_views.shape[0] == 0:
+        raise LSQError("training needs at least one training view and one evaluation view")
+    if cfg.loss == "ce" and (labels is None or labels.shape[0] != train_views.shape[0]):
+        raise LSQError("cross-entropy training needs one label per training view")
+    if teacher is None:
+        raise LSQError("training needs the float model as teacher (distillation and agreement)")
+    device = resolve_device(cfg.device)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    model.to(device).eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    with torch.no_grad():
+        teacher_eval = _logits(teacher, eval_views, device)
+        teacher_train = _logits(teacher, train_views, device)
+
+    groups = _param_groups(model, cfg)
+    if not groups:
+        raise LSQError("nothing to train: no learnable quantizer and weights frozen")
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    lrs = {g["name"]: g for g in opt.param_groups}
+
+    def lr_of(*names: str) -> float | None:
+        for n in names:
+            if n in lrs:
+                return float(lrs[n]["lr"])
+        return None
+
+    agreement, kl = agreement_and_kl(model, eval_views, teacher_eval)
+    yield TrainEvent(
+        "eval", 0, cfg.steps, agreement=agreement, kl=kl, quantizers=quantizer_snapshot(model)
+    )
+    n = train_views.shape[0]
+    start = time.perf_counter()
+    good_state = None
+    for step in range(1, cfg.steps + 1):
+        if should_stop is not None and should_stop():
+            yield TrainEvent("stopped", step - 1, cfg.steps, message="stopped by the user")
+            return
+        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
+        x = train_views[idx].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x)
+        if cfg.loss == "kd":
+            loss = distillation_loss(logits, teacher_train[idx].to(device))
+        else:
+            loss = F.cross_entropy(logits.float(), labels[idx].to(device))
+        if not torch.isfinite(loss):
+            if good_state is not None:
+                model.load_state_dict(good_state)
+            yield TrainEvent(
+                "error",
+                step,
+                cfg.steps,
+                loss=float(loss),
+                message=(
+                    f"loss became {float(loss)} at step {step}; training stopped and the last "
+                    "good state was kept. Lower the learning rates."
+                ),
+            )
+            return
+        good_state = copy.deepcopy(model.state_dict())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        project_scales_(model)
+        sched.step()
+        event = TrainEvent(
+            "step",
+            step,
+            cfg.steps,
+            loss=float(loss),
+            lr_weights=lr_of("weights"),
+            lr_quant=lr_of("act_quant", "weight_quant"),
+            seconds=time.perf_counter() - start,
+            quantizers=quantizer_snapshot(model),
+        )
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                model.load_state_dict(good_state)
+                yield TrainEvent(
+                    "error",
+                    step,
+                    cfg.steps,
+                    message=f"parameters became non-finite at step {step}; last good state kept",
+                )
+                return
+            event.agreement, event.kl = agreement_and_kl(model, eval_views, teacher_eval)
+        yield event
+    yield TrainEvent(
+        "done", cfg.steps, cfg.steps, seconds=time.perf_counter() - start, message="finished"
+    )
+
+
+def _logits(model: nn.Module, views: Tensor, device: torch.device, batch: int = 32) -> Tensor:
+    model.to(device).eval()
+    return torch.cat(
+        [model(views[i : i + batch].to(device)).float() for i in range(0, len(views), batch)]
+    )

@@ -232,14 +232,14 @@ def train(
             loss = distillation_loss(logits, teacher_train[idx].to(device))
         else:
             loss = F.cross_entropy(logits.float(), labels[idx].to(device))
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss.detach()):
             if good_state is not None:
                 model.load_state_dict(good_state)
             yield TrainEvent(
                 "error",
                 step,
                 cfg.steps,
-                loss=float(loss),
+                loss=float(loss.detach()),
                 message=(
                     f"loss became {float(loss)} at step {step}; training stopped and the last "
                     "good state was kept. Lower the learning rates."
@@ -256,7 +256,7 @@ def train(
             "step",
             step,
             cfg.steps,
-            loss=float(loss),
+            loss=float(loss.detach()),
             lr_weights=lr_of("weights"),
             lr_quant=lr_of("act_quant", "weight_quant"),
             seconds=time.perf_counter() - start,

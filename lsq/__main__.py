@@ -1,0 +1,7 @@
+"""``python -m lsq``: see lsq/cli.py."""
+
+import sys
+
+from lsq.cli import main
+
+sys.exit(main())

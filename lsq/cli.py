@@ -1,0 +1,340 @@
+"""Headless entry point: ``python -m lsq run|compare|runs``.
+
+Every app run can be reproduced here. Errors in the input are printed as one line and exit with
+status 2; nothing but a bug prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from lsq.config import ACT_INITS, ACT_MODES, METHODS, WEIGHT_INITS, make_config
+from lsq.errors import LSQError
+
+EPILOG = """examples:
+  python -m lsq run                                  # LSQ+ W4A4 on the bundled EfficientNet-Lite0
+  python -m lsq run --method lsq --w-bits 8 --a-bits 4 --steps 20 --resolution 160
+  python -m lsq compare --methods lsq+,lsq,lsq-signed,minmax --bits 4,2
+  python -m lsq runs                                 # list saved runs
+"""
+
+
+def _int(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return [kind(t) for t in items]
+
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--model",
+        default="bundled",
+        help="'bundled' (EfficientNet-Lite0 with ImageNet weights, offline), a timm model name "
+        "(weights from the hub; needs internet), or a checkpoint file (.pth/.safetensors) whose "
+        "architecture --arch names. Default: bundled.",
+    )
+    g.add_argument(
+        "--arch",
+        default="tf_efficientnet_lite0",
+        help="timm architecture of a --model checkpoint file (default tf_efficientnet_lite0)",
+    )
+    g.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build --model (a timm name) untrained, without downloading: for smoke runs.",
+    )
+    g.add_argument(
+        "--images",
+        default=None,
+        help="an image folder (class sub-folders or flat) instead of the photos bundled with "
+        "scikit-image; every fourth image is held out for evaluation.",
+    )
+    g.add_argument(
+        "--resolution", type=_int, default=None, help="input size in pixels (default: the model's)"
+    )
+    g.add_argument("--calib", type=_int, default=64, help="calibration/training views (default 64)")
+    g.add_argument(
+        "--eval-views", type=_int, default=64, help="held-out evaluation views (default 64)"
+    )
+    g.add_argument("--batch-size", type=_int, default=16, help="batch size (default 16)")
+    g.add_argument(
+        "--seed", type=_int, default=0, help="random seed for views and training (default 0)"
+    )
+    g.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="default auto: CUDA if present",
+    )
+    t = p.add_argument_group("training (QAT)")
+    t.add_argument(
+        "--steps", type=_int, default=None, help="QAT steps after init (run: 0 = init only)"
+    )
+    t.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="default adam")
+    t.add_argument(
+        "--lr", type=_float, default=1e-5, help="learning rate of the weights (default 1e-5)"
+    )
+    t.add_argument(
+        "--lr-act",
+        type=_float,
+        default=1e-3,
+        help="learning rate of activation scales/offsets (1e-3)",
+    )
+    t.add_argument(
+        "--lr-wq", type=_float, default=1e-5, help="learning rate of weight scales (1e-5)"
+    )
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+
+
+def _spec(args):
+    from lsq.pipeline import ModelSpec
+
+    if args.model == "bundled":
+        return ModelSpec("tf_efficientnet_lite0", "bundled")
+    if args.model.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(args.model).exists():
+        return ModelSpec(args.arch, "file", args.model)
+    return ModelSpec(args.model, "random" if args.random_weights else "hub")
+
+
+def _prepare(args):
+    from lsq.pipeline import DataConfig, prepare
+
+    data = DataConfig(
+        source="folder" if args.images else "bundled",
+        folder=args.images,
+        resolution=args.resolution,
+        calib_views=args.calib,
+        eval_views=args.eval_views,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    bar = tqdm(total=1, file=sys.stderr, leave=False)
+    state = {"stage": None}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage != state["stage"]:
+            state["stage"] = stage
+            bar.reset(total=max(total, 1))
+            bar.set_description(stage)
+        bar.n = done
+        bar.refresh()
+
+    bench = prepare(_spec(args), data, device=args.device, progress=progress)
+    return bench, progress, bar
+
+
+def _train_cfg(args, steps: int):
+    from lsq.train import TrainConfig
+
+    return TrainConfig(
+        steps=steps,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr_weights=args.lr,
+        lr_act_quant=args.lr_act,
+        lr_weight_quant=args.lr_wq,
+        seed=args.seed,
+        device=args.device,
+        bf16=args.bf16,
+        eval_every=max(1, steps // 5),
+    )
+
+
+def _fmt_metrics(m: dict) -> str:
+    return (
+        f"agreement {m['agreement']:.3f} (confident views {m['confident_agreement']:.3f}), "
+        f"KL {m['kl']:.4f}, logit SQNR {m['logit_sqnr_db']:.1f} dB"
+    )
+
+
+def cmd_run(args) -> int:
+    from lsq.analysis import layer_table
+    from lsq.pipeline import init_method, save_result, train_method
+
+    t0 = time.perf_counter()
+    steps = 50 if args.steps is None else args.steps
+    if steps < 0:
+        raise LSQError(f"--steps must be 0 or more, got {steps}")
+    overrides = {}
+    for key in ("act_mode", "act_init", "weight_init"):
+        if getattr(args, key):
+            overrides[key] = getattr(args, key)
+    if args.first_last_bits is not None:
+        overrides["first_last_bits"] = None if args.first_last_bits == 0 else args.first_last_bits
+    config = make_config(args.method, args.w_bits, args.a_bits, **overrides)
+    train_cfg = _train_cfg(args, steps) if steps > 0 else None
+    bench, progress, bar = _prepare(args)
+    result = init_method(bench, config, progress)
+    bar.close()
+    print(f"{config.label} after init: {_fmt_metrics(result.metrics_init)}")
+    if train_cfg is not None:
+        with tqdm(total=steps, file=sys.stderr, desc="QAT", leave=False) as tbar:
+
+            def on_event(e):
+                if e.kind == "step":
+                    tbar.update(1)
+                    tbar.set_postfix(loss=f"{e.loss:.4f}")
+
+            train_method(bench, result, train_cfg, on_event=on_event)
+        if result.status != "complete":
+            print(f"training {result.status}: {result.message}", file=sys.stderr)
+        print(f"{config.label} after {steps} QAT steps: {_fmt_metrics(result.metrics_final)}")
+    table = layer_table(result.model, bench.stats, bench.eval[:8])
+    worst = table.nsmallest(5, "output_sqnr_db")[
+        [
+            "layer",
+            "kind",
+            "w_bits",
+            "a_bits",
+            "range_lo",
+            "range_hi",
+            "weight_sqnr_db",
+            "input_sqnr_db",
+            "output_sqnr_db",
+        ]
+    ]
+    print("\nworst layers (output SQNR against the float model):")
+    print(worst.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    run = save_result(bench, result, train_cfg, root=args.runs_dir)
+    print(f"\nsaved run: {run.path}  ({time.perf_counter() - t0:.0f} s)")
+    return 0 if result.status in ("complete", "stopped") else 1
+
+
+def cmd_compare(args) -> int:
+    from lsq.pipeline import compare
+
+    t0 = time.perf_counter()
+    for m in args.methods:
+        if m not in METHODS:
+            raise LSQError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for b in args.bits:
+        make_config("lsq+", b, b)  # validates
+    steps = 0 if args.steps is None else args.steps
+    if steps < 0:
+        raise LSQError(f"--steps must be 0 or more, got {steps}")
+    bench, progress, bar = _prepare(args)
+    table = compare(
+        bench, args.methods, args.bits, _train_cfg(args, steps) if steps else None, progress
+    )
+    bar.close()
+    wall = time.perf_counter() - t0
+    pivot_cols = ["init_agreement", "init_kl"] + (["qat_agreement", "qat_kl"] if steps else [])
+    wide = table.pivot(index="method", columns="bits", values=pivot_cols)
+    wide = wide.reindex(index=args.methods)
+    print(wide.to_string(float_format=lambda v: f"{v:.3f}"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    print(f"\nsaved {out}  (wall time {wall:.0f} s, {len(bench.eval)} evaluation views)")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from lsq.runs import list_runs
+
+    infos = list_runs(args.runs_dir)
+    if not infos:
+        print("no saved runs")
+        return 0
+    rows = [{"run": i.name, "status": i.status, "started": i.started} for i in infos]
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lsq",
+        description="LSQ and LSQ+ quantization of timm image models, from the command line.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--runs-dir", default=None, help="where runs are saved (default ./runs or $LSQ_RUNS_DIR)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="calibrate, initialise, train, evaluate one method; save a run")
+    r.add_argument("--method", default="lsq+", choices=list(METHODS), help="default lsq+")
+    r.add_argument("--w-bits", type=_int, default=4, help="weight bits, 2-8 (default 4)")
+    r.add_argument("--a-bits", type=_int, default=4, help="activation bits, 2-8 (default 4)")
+    r.add_argument(
+        "--first-last-bits",
+        type=_int,
+        default=None,
+        help="bits of the first conv and last linear (default 8; 0 = same as the rest)",
+    )
+    r.add_argument(
+        "--act-mode", choices=ACT_MODES, default=None, help="override the method's activation grid"
+    )
+    r.add_argument(
+        "--act-init", choices=ACT_INITS, default=None, help="override the method's activation init"
+    )
+    r.add_argument(
+        "--weight-init",
+        choices=WEIGHT_INITS,
+        default=None,
+        help="override the method's weight init (maxabs or mse suit 8 bits)",
+    )
+    _add_common(r)
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser(
+        "compare", help="methods x bit-widths in one table (after init, and after QAT with --steps)"
+    )
+    c.add_argument(
+        "--methods",
+        type=_csv(str),
+        default=["lsq+", "lsq", "lsq-signed", "minmax"],
+        help="comma-separated (default lsq+,lsq,lsq-signed,minmax)",
+    )
+    c.add_argument(
+        "--bits",
+        type=_csv(_int),
+        default=[8, 4, 3, 2],
+        help="comma-separated W=A bits (default 8,4,3,2)",
+    )
+    c.add_argument("--out", default="compare.csv", help="CSV to write (default compare.csv)")
+    _add_common(c)
+    c.set_defaults(func=cmd_compare)
+    ls = sub.add_parser("runs", help="list saved runs")
+    ls.set_defaults(func=cmd_runs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LSQError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -165,33 +165,41 @@ def mse_init(
     width = hi - lo
     if width <= 0 or not math.isfinite(width):
         return minmax_init(x.float(), qmin, qmax, asymmetric, lo, hi)
-    counts = torch.histc(x, bins=bins, min=lo, max=hi)
-    centers = lo + (torch.arange(bins, dtype=x.dtype) + 0.5) * (width / bins)
-    keep = counts > 0
-    centers, counts = centers[keep], counts[keep]
+    fine = torch.histc(x, bins=bins, min=lo, max=hi)
+    # The coarse grid of candidates scores on a coarser histogram (8x fewer bins); the zoom
+    # rounds, where the candidates are close together, on the fine one.
+    coarse = fine.view(-1, 8).sum(1) if bins % 8 == 0 else fine
+
+    def occupied(counts: Tensor) -> tuple[Tensor, Tensor]:
+        n = counts.numel()
+        centers = lo + (torch.arange(n, dtype=x.dtype) + 0.5) * (width / n)
+        keep = counts > 0
+        return centers[keep].float(), counts[keep].float()
+
+    hist_coarse, hist_fine = occupied(coarse), occupied(fine)
     levels = qmax - qmin
 
     if asymmetric:
         # Candidates: clip a fraction a of the range below and b above (a + b < 1).
-        def evaluate(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def evaluate(a: Tensor, b: Tensor, hist: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
             aa, bb = torch.meshgrid(a, b, indexing="ij")
             aa, bb = aa.reshape(-1), bb.reshape(-1)
             ok = aa + bb < 0.999
             aa, bb = aa[ok], bb[ok]
             s = (width * (1 - aa - bb)) / levels
             off = lo + aa * width - qmin * s
-            return s, off, _hist_mse(centers, counts, s, off, qmin, qmax)
+            return s, off, _hist_mse(*hist, s.float(), off.float(), qmin, qmax)
 
         a = b = _grid(0, 1, 64, x.dtype) ** 2 * 0.98
         step = 0.98 / 63
-        s, off, err = evaluate(a, b)
+        s, off, err = evaluate(a, b, hist_coarse)
         best = int(err.argmin())
         for _ in range(3):
             a0 = float((off[best] + qmin * s[best] - lo) / width)
             b0 = float(1 - a0 - s[best] * levels / width)
             a = (a0 + _grid(-step, step, 17, x.dtype)).clamp(0, 0.999)
             b = (b0 + _grid(-step, step, 17, x.dtype)).clamp(0, 0.999)
-            s, off, err = evaluate(a, b)
+            s, off, err = evaluate(a, b, hist_fine)
             best = int(err.argmin())
             step /= 8
         scale, offset = s[best], off[best]
@@ -203,17 +211,17 @@ def mse_init(
         if s_max <= 0:  # unsigned grid, all values <= 0: everything maps to 0
             return minmax_init(x.float(), qmin, qmax, False, lo, hi)
 
-        def evaluate_t(t: Tensor) -> tuple[Tensor, Tensor]:
+        def evaluate_t(t: Tensor, hist: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             s = t * s_max
-            return s, _hist_mse(centers, counts, s, torch.zeros_like(s), qmin, qmax)
+            return s, _hist_mse(*hist, s.float(), torch.zeros_like(s).float(), qmin, qmax)
 
         t = _grid(1 / 512, 1, 512, x.dtype)
         step = 1 / 512
-        s, err = evaluate_t(t)
+        s, err = evaluate_t(t, hist_coarse)
         best = int(err.argmin())
         for _ in range(3):
             t0 = float(s[best] / s_max)
-            s, err = evaluate_t((t0 + _grid(-step, step, 17, x.dtype)).clamp_min(1e-6))
+            s, err = evaluate_t((t0 + _grid(-step, step, 17, x.dtype)).clamp_min(1e-6), hist_fine)
             best = int(err.argmin())
             step /= 8
         scale, offset = s[best], None

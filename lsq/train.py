@@ -241,7 +241,7 @@ def train(
                 cfg.steps,
                 loss=float(loss.detach()),
                 message=(
-                    f"loss became {float(loss)} at step {step}; training stopped and the last "
+                    f"loss became {float(loss.detach())} at step {step}; training stopped and the last "
                     "good state was kept. Lower the learning rates."
                 ),
             )

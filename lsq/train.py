@@ -241,8 +241,8 @@ def train(
                 cfg.steps,
                 loss=float(loss.detach()),
                 message=(
-                    f"loss became {float(loss.detach())} at step {step}; training stopped and the last "
-                    "good state was kept. Lower the learning rates."
+                    f"loss became {float(loss.detach())} at step {step}; training stopped and "
+                    "the last good state was kept. Lower the learning rates."
                 ),
             )
             return

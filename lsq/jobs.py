@@ -1,0 +1,137 @@
+"""Long work off the page: one background job at a time, whose progress any page can read.
+
+The app keeps one ``JobManager`` per server process, so a job survives a browser refresh (a new
+session finds it running or finished), and a second job is refused while one runs, rather than
+two runs fighting over the CPU. A job's function gets the ``Job`` to report progress, add
+events and check whether the user asked it to stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lsq.errors import LSQError
+
+ACTIVE = ("queued", "running")
+
+
+@dataclass
+class Job:
+    """A unit of background work and everything a page needs to show it."""
+
+    kind: str
+    title: str
+    params: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    status: str = "queued"  # queued, running, done, failed, stopped
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    events: list[Any] = field(default_factory=list)
+    result: Any = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.stage, self.done, self.total = stage, int(done), int(total)
+
+    def add_event(self, event: Any) -> None:
+        self.events.append(event)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+
+class JobManager:
+    """Runs one job at a time in a daemon thread; keeps finished jobs for pages to read."""
+
+    def __init__(self, keep: int = 20) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._order: list[str] = []
+        self._keep = keep
+
+    def submit(self, job: Job, fn: Callable[[Job], Any]) -> Job:
+        """Start ``fn(job)`` in the background; refused while another job is active."""
+        with self._lock:
+            running = self.active()
+            if running is not None:
+                raise LSQError(
+                    f"'{running.title}' is still running ({running.stage or 'starting'}); wait for "
+                    "it to finish or stop it first"
+                )
+            self._jobs[job.id] = job
+            self._order.append(job.id)
+            while len(self._order) > self._keep:
+                self._jobs.pop(self._order.pop(0), None)
+            job.status = "running"
+            job.started = time.time()
+        thread = threading.Thread(target=self._run, args=(job, fn), daemon=True, name=job.title)
+        thread.start()
+        return job
+
+    def _run(self, job: Job, fn: Callable[[Job], Any]) -> None:
+        try:
+            job.result = fn(job)
+            if job.status == "running":
+                job.status = "stopped" if job.stop_requested() else "done"
+        except LSQError as e:
+            job.status, job.message = "failed", str(e)
+        except Exception as e:  # a bug: keep the server alive and say what happened
+            job.status = "failed"
+            job.message = f"unexpected error: {type(e).__name__}: {e}"
+            job.params["traceback"] = traceback.format_exc()
+        finally:
+            job.finished = time.time()
+
+    def active(self) -> Job | None:
+        for jid in reversed(self._order):
+            job = self._jobs.get(jid)
+            if job is not None and job.active:
+                return job
+        return None
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def latest(self, kind: str | None = None) -> Job | None:
+        for jid in reversed(self._order):
+            job = self._jobs[jid]
+            if kind is None or job.kind == kind:
+                return job
+        return None
+
+    def wait(self, job: Job, timeout: float = 600.0) -> Job:
+        """Block until ``job`` ends (tests and the CLI); raises LSQError on timeout."""
+        end = time.time() + timeout
+        while job.active:
+            if time.time() > end:
+                raise LSQError(f"'{job.title}' did not finish within {timeout:.0f} s")
+            time.sleep(0.05)
+        return job

@@ -1,0 +1,796 @@
+"""Figures for the explorer: pure functions, DataFrames in, ``plotly.graph_objects.Figure`` out.
+
+Every figure uses the same colour per method (``METHOD_COLORS``, LSQ+ the most prominent), large
+fonts for projection, and hover text with the exact numbers. Empty input gives a figure that
+says "no data"; NaN values are dropped and infinities dropped or capped (and said so in hover).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+#: One colour per method, the same in every figure (Okabe-Ito, colour-blind safe).
+METHOD_COLORS: dict[str, str] = {
+    "lsq+": "#D55E00",  # vermillion: the method the app is about
+    "lsq": "#0072B2",
+    "lsq-unsigned": "#56B4E9",
+    "lsq-signed": "#009E73",
+    "minmax": "#CC79A7",
+}
+#: Colours for method names not in METHOD_COLORS, picked by a stable hash of the name.
+FALLBACK_COLORS: tuple[str, ...] = (
+    "#E69F00",
+    "#8C564B",
+    "#9467BD",
+    "#17BECF",
+    "#BCBD22",
+    "#7F7F7F",
+    "#1F77B4",
+    "#2CA02C",
+)
+#: Colours of the two parts in the sensitivity figure (not method colours on purpose).
+PART_COLORS: dict[str, str] = {"weights": "#332288", "activations": "#44AA99"}
+PROMINENT = "lsq+"
+TEMPLATE = "plotly_white"
+FONT_SIZE = 16
+TITLE_SIZE = 22
+NO_DATA = "no data"
+INF_MARGIN = 10.0  # +inf is drawn this far above the largest finite value
+
+METRIC_LABELS: dict[str, str] = {
+    "loss": "training loss",
+    "agreement": "top-1 agreement with the float model",
+    "kl": "KL divergence to the float model",
+    "output_sqnr_db": "output SQNR (dB, higher is better)",
+    "input_sqnr_db": "input SQNR (dB, higher is better)",
+    "weight_sqnr_db": "weight SQNR (dB, higher is better)",
+    "init_kl": "KL to float after initialisation (lower is better)",
+    "qat_kl": "KL to float after QAT (lower is better)",
+    "init_agreement": "top-1 agreement after initialisation",
+    "qat_agreement": "top-1 agreement after QAT",
+}
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method``: METHOD_COLORS, else a stable pick from FALLBACK_COLORS."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return FALLBACK_COLORS[zlib.crc32(str(method).encode()) % len(FALLBACK_COLORS)]
+
+
+def _line_width(method: str) -> float:
+    return 4.0 if method == PROMINENT else 2.5
+
+
+def _marker_size(method: str) -> int:
+    return 10 if method == PROMINENT else 7
+
+
+def _label(column: str) -> str:
+    return METRIC_LABELS.get(column, column.replace("_", " "))
+
+
+def _fmt(value: float) -> str:
+    """A number for hover text: enough digits to be exact for the eye."""
+    return f"{value:.6g}"
+
+
+def _ordered_methods(methods: Iterable[Any]) -> list[str]:
+    """Known methods in METHOD_COLORS order, then the others in order of appearance."""
+    seen = list(dict.fromkeys(str(m) for m in methods))
+    known = [m for m in METHOD_COLORS if m in seen]
+    return known + [m for m in seen if m not in METHOD_COLORS]
+
+
+def _style(fig: go.Figure, title: str, x_title: str = "", y_title: str = "") -> go.Figure:
+    """The layout every figure shares: template, fonts, title, axis labels."""
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": title, "font": {"size": TITLE_SIZE}, "x": 0.01, "xanchor": "left"},
+        font={"size": FONT_SIZE},
+        legend={"font": {"size": FONT_SIZE - 2}},
+        hoverlabel={"font": {"size": FONT_SIZE - 2}},
+        margin={"t": 80, "l": 80, "r": 30, "b": 70},
+    )
+    if x_title:
+        fig.update_xaxes(title_text=x_title)
+    if y_title:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def empty_figure(title: str, note: str = NO_DATA) -> go.Figure:
+    """A figure with only a title and a centred "no data" note."""
+    fig = go.Figure()
+    fig.add_annotation(
+        text=note,
+        xref="paper",
+        yref="paper",
+        x=0.5,
+        y=0.5,
+        showarrow=False,
+        font={"size": FONT_SIZE + 4, "color": "#7F7F7F"},
+    )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _style(fig, title)
+
+
+def _clean(
+    df: pd.DataFrame | None, numeric: Sequence[str], required: Sequence[str] = ()
+) -> pd.DataFrame | None:
+    """Copy of ``df`` with ``numeric`` columns as floats; None when columns are missing or empty.
+
+    Rows are not dropped here: each figure decides what to do with NaN and inf.
+    """
+    if df is None or len(df) == 0:
+        return None
+    if any(c not in df.columns for c in (*numeric, *required)):
+        return None
+    out = df.copy()
+    for c in numeric:
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype(float)
+    if "method" in out.columns:
+        out["method"] = out["method"].astype(str)
+    return out
+
+
+def _finite(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Rows where every one of ``columns`` is finite."""
+    mask = np.ones(len(df), dtype=bool)
+    for c in columns:
+        mask &= np.isfinite(df[c].to_numpy(dtype=float))
+    return df[mask]
+
+
+def _segments(
+    xs: Sequence[tuple[float, float]],
+    ys: Sequence[tuple[float, float]],
+    texts: Sequence[str],
+) -> tuple[list, list, list]:
+    """Flatten line segments into None-separated x, y and hover text lists for one trace."""
+    x: list = []
+    y: list = []
+    t: list = []
+    for (x0, x1), (y0, y1), text in zip(xs, ys, texts, strict=True):
+        x += [x0, x1, None]
+        y += [y0, y1, None]
+        t += [text, text, None]
+    return x, y, t
+
+
+# ------------------------------------------------------------------------------------ ranges
+
+
+def symlog(values: Any) -> np.ndarray:
+    """sign(x) * log10(1 + |x|): a log scale that keeps sign and zero."""
+    v = np.asarray(values, dtype=float)
+    return np.sign(v) * np.log10(1.0 + np.abs(v))
+
+
+def _symlog_ticks(max_abs: float) -> tuple[list[float], list[str]]:
+    """Tick positions (transformed) and labels (original values) at 0, ±1, ±3, ±10, ±30, ..."""
+    values = [0.0]
+    k = 0
+    while 10.0**k <= max_abs * 3 and k < 12:  # ticks past the axis range are not drawn
+        for m in (1.0, 3.0):
+            v = m * 10.0**k
+            if v <= max_abs * 3:
+                values += [v, -v]
+        k += 1
+    values.sort()
+    return [float(symlog(v)) for v in values], [f"{v:g}" for v in values]
+
+
+def ranges_figure(df: pd.DataFrame, log_scale: bool = False) -> go.Figure:
+    """Each method's initialised clipping range per layer, against the observed min/max.
+
+    ``df``: one row per (method, layer), columns method, index, layer, range_lo, range_hi,
+    observed_min, observed_max. ``log_scale`` draws sign(x)*log10(1+|x|), tick labels in the
+    original units.
+    """
+    title = "Quantization ranges vs observed min/max"
+    cols = ["index", "range_lo", "range_hi"]
+    if df is not None and {"observed_min", "observed_max"} <= set(df.columns):
+        cols += ["observed_min", "observed_max"]
+    data = _clean(df, cols, required=["method", "layer"])
+    if data is None:
+        return empty_figure(title)
+    if "observed_min" not in data.columns:
+        data = data.assign(observed_min=math.nan, observed_max=math.nan)
+    tf = symlog if log_scale else (lambda v: np.asarray(v, dtype=float))
+    ranges = _finite(data, ["index", "range_lo", "range_hi"])
+    observed = (
+        _finite(data, ["index", "observed_min", "observed_max"])
+        .groupby("index", sort=True)
+        .agg(layer=("layer", "first"), lo=("observed_min", "min"), hi=("observed_max", "max"))
+        .reset_index()
+    )
+    if ranges.empty and observed.empty:
+        return empty_figure(title)
+
+    fig = go.Figure()
+    if not observed.empty:
+        idx = observed["index"].to_numpy(dtype=float)
+        lo, hi = tf(observed["lo"]), tf(observed["hi"])
+        text = [
+            f"layer {i:g}: {name}<br>observed min {_fmt(a)}, max {_fmt(b)}"
+            for i, name, a, b in zip(
+                idx, observed["layer"], observed["lo"], observed["hi"], strict=True
+            )
+        ]
+        fig.add_trace(
+            go.Bar(
+                x=idx,
+                y=hi - lo,
+                base=lo,
+                width=0.9,
+                name="observed min..max",
+                marker={"color": "rgba(128,128,128,0.25)", "line": {"width": 0}},
+                hovertext=text,
+                hoverinfo="text",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=np.concatenate([idx, idx]),
+                y=np.concatenate([lo, hi]),
+                mode="markers",
+                name="observed min / max",
+                marker={"symbol": "line-ew", "size": 16, "line": {"width": 2.5, "color": "black"}},
+                hovertext=text + text,
+                hoverinfo="text",
+            )
+        )
+
+    methods = _ordered_methods(ranges["method"])
+    step = 0.7 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        sub = ranges[ranges["method"] == method].sort_values("index")
+        offset = (i - (len(methods) - 1) / 2) * step
+        xs = [(x + offset, x + offset) for x in sub["index"]]
+        ys = list(zip(tf(sub["range_lo"]), tf(sub["range_hi"]), strict=True))
+        texts = [
+            f"<b>{method}</b><br>layer {idx:g}: {name}<br>range [{_fmt(a)}, {_fmt(b)}]"
+            for idx, name, a, b in zip(
+                sub["index"], sub["layer"], sub["range_lo"], sub["range_hi"], strict=True
+            )
+        ]
+        x, y, t = _segments(xs, ys, texts)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines",
+                name=method,
+                line={"color": method_color(method), "width": _line_width(method) + 1},
+                hovertext=t,
+                hoverinfo="text",
+            )
+        )
+
+    y_title = "value"
+    if log_scale:
+        all_values = np.concatenate(
+            [
+                ranges[["range_lo", "range_hi"]].to_numpy().ravel(),
+                observed[["lo", "hi"]].to_numpy().ravel(),
+            ]
+        )
+        max_abs = float(np.max(np.abs(all_values))) if all_values.size else 0.0
+        tickvals, ticktext = _symlog_ticks(max_abs)
+        if len(tickvals) > 1:
+            fig.update_yaxes(tickvals=tickvals, ticktext=ticktext)
+        y_title = "value (symlog: sign·log10(1+|x|))"
+    fig.update_yaxes(zeroline=True, zerolinecolor="#999999", zerolinewidth=1)
+    fig.update_layout(barmode="overlay", hovermode="closest")
+    return _style(fig, title, "layer index", y_title)
+
+
+# --------------------------------------------------------------------------------- histogram
+
+
+def clipped_mass(hist: pd.DataFrame, lo: float, hi: float) -> tuple[float, float]:
+    """Fractions of the histogram's mass below ``lo`` and above ``hi``.
+
+    Bins that straddle a bound count in proportion to the part outside it (uniform within a
+    bin). NaN bounds clip nothing; an empty or all-zero histogram gives (0.0, 0.0).
+    """
+    data = _clean(hist, ["left", "right", "count"])
+    if data is None:
+        return 0.0, 0.0
+    data = _finite(data, ["left", "right", "count"])
+    left = data["left"].to_numpy(dtype=float)
+    right = data["right"].to_numpy(dtype=float)
+    count = np.clip(data["count"].to_numpy(dtype=float), 0.0, None)
+    total = float(count.sum())
+    if total <= 0:
+        return 0.0, 0.0
+    lo = -math.inf if lo is None or math.isnan(lo) else float(lo)
+    hi = math.inf if hi is None or math.isnan(hi) else float(hi)
+    width = right - left
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac_below = np.where(width > 0, np.clip((lo - left) / width, 0.0, 1.0), left < lo)
+        frac_above = np.where(width > 0, np.clip((right - hi) / width, 0.0, 1.0), left > hi)
+    below = float((count * frac_below).sum()) / total
+    above = float((count * frac_above).sum()) / total
+    return below, above
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def histogram_figure(
+    hist: pd.DataFrame,
+    grids: Mapping[str, Mapping[str, Any]],
+    observed: tuple[float, float] | None = None,
+    log_y: bool = True,
+    title: str = "Layer input: histogram and quantization grid",
+) -> go.Figure:
+    """A layer's input histogram with each method's quantization levels and clipped regions.
+
+    ``hist``: columns left, right, count. ``grids``: method -> {"levels", "lo", "hi"}. Each
+    method's legend entry for its shaded clipped region gives the mass clipped below/above
+    (``clipped_mass``). ``observed``: optional (min, max) drawn as dotted black lines.
+    """
+    data = _clean(hist, ["left", "right", "count"])
+    if data is not None:
+        data = _finite(data, ["left", "right", "count"])
+        data = data.assign(count=data["count"].clip(lower=0.0))
+    has_hist = data is not None and not data.empty
+    methods = _ordered_methods(grids or {})
+    if not has_hist and not methods:
+        return empty_figure(title)
+
+    # x extent: everything that is drawn, with a small margin.
+    xs: list[float] = []
+    if has_hist:
+        xs += [float(data["left"].min()), float(data["right"].max())]
+    grid_data: dict[str, tuple[np.ndarray, float, float]] = {}
+    for method in methods:
+        g = grids[method]
+        levels = np.asarray(g.get("levels", []), dtype=float).ravel()
+        levels = levels[np.isfinite(levels)]
+        lo, hi = float(g.get("lo", math.nan)), float(g.get("hi", math.nan))
+        grid_data[method] = (levels, lo, hi)
+        xs += [*levels.tolist(), *(v for v in (lo, hi) if math.isfinite(v))]
+    obs = [
+        (name, float(v))
+        for name, v in zip(("min", "max"), observed or (), strict=False)
+        if v is not None and math.isfinite(float(v))
+    ]
+    xs += [v for _, v in obs]
+    if not xs:
+        return empty_figure(title)
+    x_min, x_max = min(xs), max(xs)
+    pad = 0.03 * (x_max - x_min) if x_max > x_min else 1.0
+    x_min, x_max = x_min - pad, x_max + pad
+
+    # y extent: lines span it; on a log axis it starts below the smallest non-zero count.
+    counts = data["count"].to_numpy(dtype=float) if has_hist else np.zeros(0)
+    positive = counts[counts > 0]
+    if log_y:
+        y_bot = float(positive.min()) / 2 if positive.size else 0.5
+        y_top = float(positive.max()) * 2 if positive.size else 10.0
+        y_range = [math.log10(y_bot), math.log10(y_top)]
+    else:
+        y_bot, y_top = 0.0, (float(counts.max()) * 1.05 if positive.size else 1.0)
+        y_range = [y_bot, y_top]
+
+    fig = go.Figure()
+    if has_hist:
+        total = counts.sum()
+        text = [
+            f"[{_fmt(a)}, {_fmt(b)}): {c:g} ({c / total:.3%})" if total > 0 else f"{c:g}"
+            for a, b, c in zip(data["left"], data["right"], counts, strict=True)
+        ]
+        fig.add_trace(
+            go.Bar(
+                x=(data["left"] + data["right"]).to_numpy() / 2,
+                y=counts,
+                width=(data["right"] - data["left"]).to_numpy(),
+                name="input histogram",
+                marker={"color": "#A0A0A0", "line": {"width": 0}},
+                hovertext=text,
+                hoverinfo="text",
+            )
+        )
+
+    for method in methods:
+        levels, lo, hi = grid_data[method]
+        color = method_color(method)
+        if has_hist and (math.isfinite(lo) or math.isfinite(hi)):
+            below, above = clipped_mass(data, lo, hi)
+            bx: list = []
+            by: list = []
+            if math.isfinite(lo) and lo > x_min:
+                bx += [x_min, lo, lo, x_min, x_min, None]
+                by += [y_bot, y_bot, y_top, y_top, y_bot, None]
+            if math.isfinite(hi) and hi < x_max:
+                bx += [hi, x_max, x_max, hi, hi, None]
+                by += [y_bot, y_bot, y_top, y_top, y_bot, None]
+            if bx:
+                fig.add_trace(
+                    go.Scatter(
+                        x=bx,
+                        y=by,
+                        mode="lines",
+                        fill="toself",
+                        fillcolor=_rgba(color, 0.12),
+                        line={"color": color, "width": 1.5, "dash": "dash"},
+                        name=f"clipped by {method}: {below:.2%} below, {above:.2%} above",
+                        legendgroup=method,
+                        hovertext=(
+                            f"clipped by {method}: [{_fmt(lo)}, {_fmt(hi)}]<br>"
+                            f"{below:.3%} of the mass below, {above:.3%} above"
+                        ),
+                        hoverinfo="text",
+                        hoveron="fills",
+                    )
+                )
+        if levels.size:
+            n = len(levels)
+            x, y, t = _segments(
+                [(v, v) for v in levels],
+                [(y_bot, y_top)] * n,
+                [f"{method} level {k + 1}/{n}: {_fmt(v)}" for k, v in enumerate(levels)],
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    mode="lines",
+                    name=f"{method}: {n} levels",
+                    legendgroup=method,
+                    line={"color": color, "width": 2.0 if method == PROMINENT else 1.2},
+                    opacity=0.85,
+                    hovertext=t,
+                    hoverinfo="text",
+                )
+            )
+
+    if obs:
+        x, y, t = _segments(
+            [(v, v) for _, v in obs],
+            [(y_bot, y_top)] * len(obs),
+            [f"observed {name} {_fmt(v)}" for name, v in obs],
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines",
+                name="observed min / max",
+                line={"color": "black", "width": 2, "dash": "dot"},
+                hovertext=t,
+                hoverinfo="text",
+            )
+        )
+
+    fig.update_xaxes(range=[x_min, x_max])
+    fig.update_yaxes(type="log" if log_y else "linear", range=y_range)
+    fig.update_layout(bargap=0, hovermode="closest", legend={"groupclick": "togglegroup"})
+    return _style(fig, title, "input value", "count (log scale)" if log_y else "count")
+
+
+# ------------------------------------------------------------------------------------ curves
+
+
+def curves_figure(
+    metrics: pd.DataFrame, y: str = "loss", log_y: bool | None = None, title: str | None = None
+) -> go.Figure:
+    """``y`` against training step, one line per method; NaN/inf rows dropped.
+
+    ``log_y``: None chooses a log axis for KL columns when all values are positive.
+    """
+    label = _label(y)
+    title = title or f"Training: {label}"
+    data = _clean(metrics, ["step", y], required=["method"])
+    if data is None:
+        return empty_figure(title)
+    data = _finite(data, ["step", y])
+    if data.empty:
+        return empty_figure(title)
+    if log_y is None:
+        log_y = "kl" in y.lower() and bool((data[y] > 0).all())
+    elif log_y:
+        data = data[data[y] > 0]
+    fig = go.Figure()
+    for method in _ordered_methods(data["method"]):
+        sub = data[data["method"] == method].sort_values("step")
+        fig.add_trace(
+            go.Scatter(
+                x=sub["step"],
+                y=sub[y],
+                mode="lines+markers" if len(sub) <= 60 else "lines",
+                name=method,
+                line={"color": method_color(method), "width": _line_width(method)},
+                marker={"size": _marker_size(method)},
+                hovertemplate=f"<b>{method}</b><br>step %{{x}}<br>{y} %{{y:.6g}}<extra></extra>",
+            )
+        )
+    if log_y:
+        fig.update_yaxes(type="log")
+    fig.update_layout(hovermode="x unified")
+    return _style(fig, title, "training step", label + (" (log scale)" if log_y else ""))
+
+
+# -------------------------------------------------------------------------------- trajectory
+
+
+def trajectory_figure(traj: pd.DataFrame, layer: str) -> go.Figure:
+    """A layer's learned scale and offset against training step, one line per method."""
+    title = f"Learned quantizer parameters: {layer}"
+    data = _clean(traj, ["step", "scale", "offset"], required=["method", "layer"])
+    if data is None:
+        return empty_figure(title)
+    data = data[data["layer"].astype(str) == str(layer)]
+    data = _finite(data, ["step"])
+    scale = _finite(data, ["scale"])
+    offset = _finite(data, ["offset"])
+    if scale.empty and offset.empty:
+        return empty_figure(title)
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.1,
+        subplot_titles=("scale s", "offset β"),
+    )
+    for method in _ordered_methods(data["method"]):
+        for row, (frame, col) in enumerate(((scale, "scale"), (offset, "offset")), start=1):
+            sub = frame[frame["method"] == method].sort_values("step")
+            if sub.empty:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=sub["step"],
+                    y=sub[col],
+                    mode="lines+markers" if len(sub) <= 60 else "lines",
+                    name=method,
+                    legendgroup=method,
+                    showlegend=row == 1 or scale[scale["method"] == method].empty,
+                    line={"color": method_color(method), "width": _line_width(method)},
+                    marker={"size": _marker_size(method) - 2},
+                    hovertemplate=(
+                        f"<b>{method}</b><br>step %{{x}}<br>{col} %{{y:.6g}}<extra></extra>"
+                    ),
+                ),
+                row=row,
+                col=1,
+            )
+    fig.update_yaxes(title_text="scale", row=1, col=1)
+    fig.update_yaxes(title_text="offset", row=2, col=1)
+    fig.update_xaxes(title_text="training step", row=2, col=1)
+    fig.update_layout(height=600, hovermode="x unified")
+    fig.update_annotations(font_size=FONT_SIZE)
+    return _style(fig, title)
+
+
+# ------------------------------------------------------------------------------- layer error
+
+
+def layer_error_figure(
+    df: pd.DataFrame, metric: str = "output_sqnr_db", worst: int = 5
+) -> go.Figure:
+    """Per-layer error of each method over layer index; the ``worst`` layers of LSQ+ marked.
+
+    Higher is better (SQNR). +inf (exact) is drawn at the largest finite value + 10 and -inf at
+    the smallest - 10, with hover saying so; NaN is dropped. The reference method for the worst
+    layers is "lsq+", else the first method in ``df``.
+    """
+    label = _label(metric)
+    title = f"Per-layer error: {label}"
+    data = _clean(df, ["index", metric], required=["method", "layer"])
+    if data is None:
+        return empty_figure(title)
+    data = data[np.isfinite(data["index"]) & data[metric].notna()]
+    if data.empty:
+        return empty_figure(title)
+    values = data[metric].to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 0.0
+    bottom = float(finite.min()) if finite.size else 0.0
+    data = data.assign(
+        _value=np.clip(values, bottom - INF_MARGIN, top + INF_MARGIN),
+        _note=np.where(
+            values == math.inf,
+            " (exact: +inf, drawn capped)",
+            np.where(values == -math.inf, " (-inf, drawn capped)", ""),
+        ),
+        _kind=data["kind"].astype(str) if "kind" in data.columns else "",
+    )
+
+    fig = go.Figure()
+    for method in _ordered_methods(data["method"]):
+        sub = data[data["method"] == method].sort_values("index")
+        raw = sub[metric].to_numpy(dtype=float)
+        text = [
+            f"<b>{method}</b><br>layer {i:g}: {name}<br>kind {kind}<br>{metric} "
+            f"{'+inf' if v == math.inf else '-inf' if v == -math.inf else _fmt(v)}{note}"
+            for i, name, kind, v, note in zip(
+                sub["index"], sub["layer"], sub["_kind"], raw, sub["_note"], strict=True
+            )
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=sub["index"],
+                y=sub["_value"],
+                mode="lines+markers",
+                name=method,
+                line={"color": method_color(method), "width": _line_width(method)},
+                marker={
+                    "size": _marker_size(method),
+                    "symbol": np.where(np.isinf(raw), "triangle-up", "circle").tolist(),
+                },
+                hovertext=text,
+                hoverinfo="text",
+            )
+        )
+
+    reference = PROMINENT if (data["method"] == PROMINENT).any() else data["method"].iloc[0]
+    ref = data[data["method"] == reference]
+    if worst > 0 and not ref.empty:
+        low = ref.nsmallest(worst, "_value")
+        fig.add_trace(
+            go.Scatter(
+                x=low["index"],
+                y=low["_value"],
+                mode="markers",
+                name=f"worst {len(low)} layers ({reference})",
+                marker={"size": 20, "color": "rgba(0,0,0,0)", "line": {"color": "red", "width": 3}},
+                hovertext=[f"worst: {name}" for name in low["layer"]],
+                hoverinfo="text",
+            )
+        )
+        for _, row in low.iterrows():
+            fig.add_annotation(
+                x=row["index"],
+                y=row["_value"],
+                text=str(row["layer"]),
+                showarrow=True,
+                arrowhead=2,
+                arrowcolor="red",
+                ax=0,
+                ay=40,
+                font={"size": FONT_SIZE - 4, "color": "red"},
+                bgcolor="rgba(255,255,255,0.8)",
+            )
+    fig.update_layout(hovermode="closest")
+    return _style(fig, title, "layer index", label)
+
+
+# ------------------------------------------------------------------------------- sensitivity
+
+
+def sensitivity_figure(df: pd.DataFrame, log_x: bool = True, top: int | None = None) -> go.Figure:
+    """KL to float per unit when only its weights or only its activations are quantized.
+
+    Units sorted by their larger KL, the worst at the top; ``top`` keeps only the worst few.
+    On a log axis, zero KL is drawn at a tenth of the smallest positive value (hover is exact).
+    """
+    title = "Where the error comes from (KL when only this part is quantized)"
+    data = _clean(df, ["kl"], required=["unit", "part"])
+    if data is None:
+        return empty_figure(title)
+    data = data.assign(unit=data["unit"].astype(str), part=data["part"].astype(str))
+    data = data[data["kl"].notna() & (data["kl"] != -math.inf)]
+    finite = data["kl"][np.isfinite(data["kl"])]
+    if finite.empty:
+        return empty_figure(title)
+    cap = float(finite.max()) * 10 if log_x else float(finite.max()) * 1.2
+    positive = finite[finite > 0]
+    floor = float(positive.min()) / 10 if positive.size else 1e-6
+    drawn = data["kl"].clip(upper=cap)
+    if log_x:
+        drawn = drawn.clip(lower=floor)
+    data = data.assign(_drawn=drawn)
+    order = data.groupby("unit")["kl"].max().sort_values(ascending=False)
+    if top is not None:
+        order = order.iloc[: max(top, 0)]
+    data = data[data["unit"].isin(order.index)]
+    units = list(order.index[::-1])  # plotly draws the first category at the bottom
+
+    fig = go.Figure()
+    parts = [p for p in PART_COLORS if p in set(data["part"])]
+    parts += [p for p in dict.fromkeys(data["part"]) if p not in PART_COLORS]
+    for part in parts:
+        sub = data[data["part"] == part]
+        fig.add_trace(
+            go.Bar(
+                y=sub["unit"],
+                x=sub["_drawn"],
+                orientation="h",
+                name=f"only {part} quantized",
+                marker={"color": PART_COLORS.get(part, method_color(part))},
+                hovertext=[
+                    f"{u}, {part}: KL {_fmt(v)}"
+                    for u, v in zip(sub["unit"], sub["kl"], strict=True)
+                ],
+                hoverinfo="text",
+            )
+        )
+    fig.update_yaxes(categoryorder="array", categoryarray=units, automargin=True)
+    if log_x:
+        fig.update_xaxes(type="log")
+    fig.update_layout(
+        barmode="group",
+        height=max(420, 34 * len(units) * max(len(parts), 1) // 2 + 180),
+        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
+    )
+    x_title = "KL divergence to the float model" + (" (log scale)" if log_x else "")
+    return _style(fig, title, x_title, "")
+
+
+# ----------------------------------------------------------------------------------- compare
+
+
+def compare_figure(
+    df: pd.DataFrame, metric: str = "init_kl", log_y: bool | None = None
+) -> go.Figure:
+    """``metric`` per bit width (categories, most bits first) and method, as grouped bars.
+
+    ``log_y``: None chooses a log axis for KL metrics. Duplicate (method, bits) rows are
+    averaged; NaN/inf dropped, and non-positive values dropped on a log axis.
+    """
+    label = _label(metric)
+    title = f"Methods compared: {label}"
+    data = _clean(df, [metric], required=["method", "bits"])
+    if data is None:
+        return empty_figure(title)
+    if log_y is None:
+        log_y = "kl" in metric.lower()
+    data = _finite(data, [metric])
+    if log_y:
+        data = data[data[metric] > 0]
+    if data.empty:
+        return empty_figure(title)
+    numeric_bits = pd.to_numeric(data["bits"], errors="coerce")
+    if numeric_bits.notna().all():
+        data = data.assign(bits=numeric_bits.astype(float))
+        order = [f"{b:g}" for b in sorted(set(data["bits"]), reverse=True)]
+        data = data.assign(bits=[f"{b:g}" for b in data["bits"]])
+    else:
+        data = data.assign(bits=data["bits"].astype(str))
+        order = list(dict.fromkeys(data["bits"]))
+    mean = data.groupby(["method", "bits"], sort=False)[metric].mean().reset_index()
+
+    fig = go.Figure()
+    for method in _ordered_methods(mean["method"]):
+        sub = mean[mean["method"] == method]
+        sub = sub.set_index("bits").reindex([b for b in order if b in set(sub["bits"])])
+        fig.add_trace(
+            go.Bar(
+                x=list(sub.index),
+                y=sub[metric],
+                name=method,
+                marker={
+                    "color": method_color(method),
+                    "line": {"color": "black", "width": 2 if method == PROMINENT else 0},
+                },
+                text=[f"{v:.3g}" for v in sub[metric]],
+                textposition="outside",
+                hovertemplate=(
+                    f"<b>{method}</b><br>%{{x}} bits<br>{metric} %{{y:.6g}}<extra></extra>"
+                ),
+            )
+        )
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
+    if log_y:
+        fig.update_yaxes(type="log")
+    fig.update_layout(barmode="group", hovermode="closest")
+    return _style(fig, title, "bits", label + (" (log scale)" if log_y else ""))

@@ -1,0 +1,329 @@
+"""lsq.plots: every figure on small synthetic frames, empty input, NaN and inf."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from lsq.plots import (
+    METHOD_COLORS,
+    NO_DATA,
+    clipped_mass,
+    compare_figure,
+    curves_figure,
+    histogram_figure,
+    layer_error_figure,
+    method_color,
+    ranges_figure,
+    sensitivity_figure,
+    symlog,
+    trajectory_figure,
+)
+
+METHODS = ["lsq+", "lsq", "minmax"]
+
+
+def title(fig: go.Figure) -> str:
+    return fig.layout.title.text or ""
+
+
+def is_empty(fig: go.Figure) -> bool:
+    return len(fig.data) == 0 and any(a.text == NO_DATA for a in fig.layout.annotations)
+
+
+def trace(fig: go.Figure, name: str):
+    matches = [t for t in fig.data if t.name == name]
+    assert len(matches) == 1, [t.name for t in fig.data]
+    return matches[0]
+
+
+def points(values) -> list:
+    """The non-None values of a trace array."""
+    return [v for v in values if v is not None]
+
+
+def ranges_frame() -> pd.DataFrame:
+    rows = []
+    for m, (lo, hi) in zip(METHODS, [(-1.0, 5.0), (0.0, 4.0), (-70.0, 70.0)], strict=True):
+        for i, name in enumerate(["stem", "blocks.0", "head"]):
+            obs = {"observed_min": -2.0, "observed_max": 6.0 + i}
+            rows.append(dict(method=m, index=i, layer=name, range_lo=lo, range_hi=hi + i, **obs))
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------ colours
+
+
+def test_method_colours_are_fixed_and_fallback_is_stable():
+    assert set(METHOD_COLORS) == {"lsq+", "lsq", "lsq-unsigned", "lsq-signed", "minmax"}
+    assert len(set(METHOD_COLORS.values())) == len(METHOD_COLORS)
+    assert method_color("lsq+") == METHOD_COLORS["lsq+"]
+    assert method_color("my-method") == method_color("my-method")
+    assert method_color("my-method").startswith("#")
+
+
+def test_colour_per_method_is_the_same_across_figures():
+    fig_r = ranges_figure(ranges_frame())
+    curves = pd.DataFrame({"method": ["lsq", "lsq+"], "step": [0, 0], "loss": [1.0, 2.0]})
+    fig_c = curves_figure(curves)
+    for m in ("lsq+", "lsq"):
+        assert trace(fig_r, m).line.color == trace(fig_c, m).line.color == METHOD_COLORS[m]
+    assert trace(fig_c, "lsq+").line.width > trace(fig_c, "lsq").line.width
+
+
+# ------------------------------------------------------------------------------------- ranges
+
+
+def test_ranges_figure_draws_a_segment_per_layer_and_method():
+    fig = ranges_figure(ranges_frame())
+    assert title(fig) == "Quantization ranges vs observed min/max"
+    assert fig.layout.template.layout.paper_bgcolor is not None  # plotly_white applied
+    for m in METHODS:
+        t = trace(fig, m)
+        assert len(points(t.y)) == 6  # 3 layers x (lo, hi)
+        assert t.x.count(None) == 3
+    plus = trace(fig, "lsq+")
+    assert points(plus.y)[:2] == [-1.0, 5.0]
+    assert "stem" in plus.hovertext[0]
+    band = trace(fig, "observed min..max")
+    assert list(band.base) == [-2.0, -2.0, -2.0] and list(band.y) == [8.0, 9.0, 10.0]
+    # Methods sit side by side, not on top of each other.
+    xs = {m: points(trace(fig, m).x)[0] for m in METHODS}
+    assert len(set(xs.values())) == 3
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+
+
+def test_ranges_figure_log_scale_transforms_values_and_labels_ticks():
+    fig = ranges_figure(ranges_frame(), log_scale=True)
+    mm = trace(fig, "minmax")
+    assert points(mm.y)[:2] == pytest.approx([-math.log10(71), math.log10(71)])
+    assert "70" in mm.hovertext[0]  # hover keeps the original numbers
+    assert "symlog" in fig.layout.yaxis.title.text
+    assert "10" in fig.layout.yaxis.ticktext and "-30" in fig.layout.yaxis.ticktext
+    assert symlog([0.0, -9.0]).tolist() == [0.0, -1.0]
+
+
+def test_ranges_figure_drops_nan_and_inf_and_handles_empty():
+    df = ranges_frame()
+    df.loc[0, "range_lo"] = math.nan
+    df.loc[1, "range_hi"] = math.inf
+    fig = ranges_figure(df)
+    assert len(points(trace(fig, "lsq+").y)) == 2
+    assert all(math.isfinite(v) for t in fig.data for v in points(t.y))
+    assert is_empty(ranges_figure(pd.DataFrame()))
+    assert is_empty(ranges_figure(df.iloc[0:0]))
+    no_obs = ranges_figure(ranges_frame().drop(columns=["observed_min", "observed_max"]))
+    assert {t.name for t in no_obs.data} == set(METHODS)
+
+
+# ---------------------------------------------------------------------------------- histogram
+
+
+def test_clipped_mass_counts_partial_bins_proportionally():
+    hist = pd.DataFrame({"left": [0.0, 1.0, 2.0], "right": [1.0, 2.0, 3.0], "count": [1, 2, 3]})
+    below, above = clipped_mass(hist, 0.5, 2.0)
+    assert below == pytest.approx(0.5 / 6) and above == pytest.approx(3 / 6)
+    assert clipped_mass(hist, -10, 10) == (0.0, 0.0)
+    assert clipped_mass(hist, 1.5, 1.5) == pytest.approx((2 / 6, 4 / 6))
+    assert clipped_mass(hist, math.nan, 2.5) == pytest.approx((0.0, 1.5 / 6))
+    assert clipped_mass(pd.DataFrame(columns=["left", "right", "count"]), 0, 1) == (0.0, 0.0)
+
+
+def hist_frame(n: int = 256) -> pd.DataFrame:
+    edges = np.linspace(-2.0, 6.0, n + 1)
+    counts = np.exp(-(((edges[:-1] + edges[1:]) / 2) ** 2)) * 1000
+    return pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": counts.round()})
+
+
+def test_histogram_figure_draws_bars_levels_and_clipped_regions():
+    hist = hist_frame()
+    grids = {
+        "lsq+": {"levels": np.linspace(-1.0, 3.0, 16), "lo": -1.0, "hi": 3.0},
+        "lsq": {"levels": np.linspace(0.0, 2.0, 16), "lo": 0.0, "hi": 2.0},
+    }
+    fig = histogram_figure(hist, grids, observed=(-2.0, 6.0))
+    assert title(fig)
+    bars = trace(fig, "input histogram")
+    assert len(bars.y) == 256
+    for m, g in grids.items():
+        levels = trace(fig, f"{m}: 16 levels")
+        assert len(points(levels.x)) == 32 and levels.x.count(None) == 16
+        assert levels.line.color == METHOD_COLORS[m]
+        below, above = clipped_mass(hist, g["lo"], g["hi"])
+        band = [t for t in fig.data if t.name.startswith(f"clipped by {m}:")]
+        assert len(band) == 1 and band[0].fill == "toself"
+        assert f"{below:.2%} below" in band[0].name and f"{above:.2%} above" in band[0].name
+    assert fig.layout.yaxis.type == "log"
+    assert len(points(trace(fig, "observed min / max").x)) == 4
+    linear = histogram_figure(hist, grids, log_y=False)
+    assert linear.layout.yaxis.type == "linear"
+
+
+def test_histogram_figure_handles_empty_nan_and_tensor_levels():
+    torch = pytest.importorskip("torch")
+    assert is_empty(histogram_figure(pd.DataFrame(), {}))
+    hist = hist_frame(8)
+    hist.loc[0, "count"] = math.nan
+    hist.loc[1, "right"] = math.inf
+    grid = {"levels": torch.tensor([0.0, 1.0, math.nan]), "lo": 0.0, "hi": 1.0}
+    fig = histogram_figure(hist, {"lsq+": grid}, observed=(math.nan, 5.0))
+    assert len(trace(fig, "input histogram").y) == 6
+    assert len(points(trace(fig, "lsq+: 2 levels").x)) == 4
+    assert len(points(trace(fig, "observed min / max").x)) == 2
+    # A grid without a histogram still shows its levels.
+    only_grid = histogram_figure(pd.DataFrame(), {"lsq": grid})
+    assert [t.name for t in only_grid.data] == ["lsq: 2 levels"]
+
+
+# ------------------------------------------------------------------------------------- curves
+
+
+def test_curves_figure_one_line_per_method_without_nan():
+    steps = np.arange(10)
+    df = pd.DataFrame(
+        {
+            "method": ["lsq+"] * 10 + ["lsq"] * 10,
+            "step": np.concatenate([steps, steps]),
+            "loss": np.linspace(1, 0.1, 20),
+            "agreement": [0.5 if s % 5 == 0 else math.nan for s in steps] * 2,
+        }
+    )
+    df.loc[3, "loss"] = math.inf
+    fig = curves_figure(df, y="loss")
+    assert [t.name for t in fig.data] == ["lsq+", "lsq"]
+    assert len(trace(fig, "lsq+").y) == 9 and len(trace(fig, "lsq").y) == 10
+    assert "loss" in title(fig) and fig.layout.xaxis.title.text == "training step"
+    agree = curves_figure(df, y="agreement")
+    assert len(trace(agree, "lsq").y) == 2 and "markers" in trace(agree, "lsq").mode
+    assert curves_figure(df.assign(kl=0.5), y="kl").layout.yaxis.type == "log"
+    assert is_empty(curves_figure(pd.DataFrame()))
+    assert is_empty(curves_figure(df, y="missing"))
+    assert is_empty(curves_figure(df.assign(loss=math.nan)))
+
+
+# --------------------------------------------------------------------------------- trajectory
+
+
+def test_trajectory_figure_scale_and_offset_subplots():
+    rows = [
+        dict(method=m, step=s, layer=layer, scale=0.1 + s, offset=-0.5 * s if m == "lsq+" else 0.0)
+        for m in ("lsq+", "lsq")
+        for s in range(5)
+        for layer in ("a", "b")
+    ]
+    df = pd.DataFrame(rows)
+    df.loc[0, "scale"] = math.nan
+    fig = trajectory_figure(df, "a")
+    assert "a" in title(fig)
+    names = [(t.name, t.yaxis) for t in fig.data]
+    assert names == [("lsq+", "y"), ("lsq+", "y2"), ("lsq", "y"), ("lsq", "y2")]
+    assert len(fig.data[0].y) == 4 and len(fig.data[1].y) == 5
+    assert fig.data[1].showlegend is False
+    assert fig.layout.xaxis.matches == "x2" or fig.layout.xaxis2.matches == "x"
+    assert is_empty(trajectory_figure(df, "missing"))
+    assert is_empty(trajectory_figure(pd.DataFrame(), "a"))
+
+
+# -------------------------------------------------------------------------------- layer error
+
+
+def error_frame() -> pd.DataFrame:
+    rows = []
+    for m, shift in (("lsq", 0.0), ("lsq+", 3.0)):
+        for i in range(8):
+            sqnr = 10.0 + i + shift
+            rows.append(
+                dict(method=m, index=i, layer=f"blocks.{i}", kind="conv", output_sqnr_db=sqnr)
+            )
+    return pd.DataFrame(rows)
+
+
+def test_layer_error_figure_marks_worst_layers_of_lsq_plus():
+    df = error_frame()
+    df.loc[df["method"].eq("lsq+") & df["index"].eq(7), "output_sqnr_db"] = math.inf
+    df.loc[df["method"].eq("lsq") & df["index"].eq(7), "output_sqnr_db"] = math.nan
+    fig = layer_error_figure(df, worst=3)
+    assert "SQNR" in title(fig)
+    plus, lsq = trace(fig, "lsq+"), trace(fig, "lsq")
+    assert len(plus.y) == 8 and len(lsq.y) == 7
+    assert plus.y[-1] == pytest.approx(19.0 + 10.0)  # +inf capped at max finite + 10
+    assert "exact" in plus.hovertext[-1] and "conv" in plus.hovertext[0]
+    worst = trace(fig, "worst 3 layers (lsq+)")
+    assert sorted(worst.x) == [0, 1, 2]
+    assert {a.text for a in fig.layout.annotations} == {"blocks.0", "blocks.1", "blocks.2"}
+
+
+def test_layer_error_figure_without_lsq_plus_uses_first_method_and_handles_empty():
+    df = error_frame()
+    df = df[df["method"] == "lsq"].assign(method="custom")
+    fig = layer_error_figure(df, worst=2)
+    assert len(trace(fig, "worst 2 layers (custom)").x) == 2
+    assert fig.data[0].line.color == method_color("custom")
+    assert is_empty(layer_error_figure(pd.DataFrame()))
+    assert is_empty(layer_error_figure(df.assign(output_sqnr_db=math.nan)))
+    all_inf = layer_error_figure(df.assign(output_sqnr_db=math.inf))
+    assert all(math.isfinite(v) for v in all_inf.data[0].y)
+
+
+# -------------------------------------------------------------------------------- sensitivity
+
+
+def test_sensitivity_figure_sorted_grouped_bars():
+    df = pd.DataFrame(
+        {
+            "unit": ["stem", "stem", "head", "head", "depthwise", "depthwise"],
+            "part": ["weights", "activations"] * 3,
+            "kl": [0.01, 0.02, 0.5, 0.0, 0.1, math.nan],
+        }
+    )
+    fig = sensitivity_figure(df)
+    assert title(fig) == "Where the error comes from (KL when only this part is quantized)"
+    w, a = trace(fig, "only weights quantized"), trace(fig, "only activations quantized")
+    assert w.orientation == "h" and len(w.x) == 3 and len(a.x) == 2
+    assert min(a.x) > 0  # zero KL drawn above the floor of the log axis
+    assert "KL 0" in a.hovertext[list(a.y).index("head")]
+    assert list(fig.layout.yaxis.categoryarray) == ["stem", "depthwise", "head"]  # worst on top
+    assert fig.layout.xaxis.type == "log" and fig.layout.barmode == "group"
+    assert sensitivity_figure(df, log_x=False).layout.xaxis.type != "log"
+    assert list(sensitivity_figure(df, top=1).layout.yaxis.categoryarray) == ["head"]
+    assert is_empty(sensitivity_figure(pd.DataFrame()))
+    assert is_empty(sensitivity_figure(df.assign(kl=math.nan)))
+
+
+# ------------------------------------------------------------------------------------ compare
+
+
+def compare_frame() -> pd.DataFrame:
+    rows = [
+        dict(method=m, bits=b, init_kl=0.01 * (9 - b) * (1 + j), init_agreement=0.9 - 0.05 * j)
+        for j, m in enumerate(METHODS)
+        for b in (2, 8, 4, 3)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_compare_figure_grouped_bars_by_bits():
+    fig = compare_figure(compare_frame())
+    assert "KL" in title(fig)
+    assert [t.name for t in fig.data] == METHODS
+    for t in fig.data:
+        assert list(t.x) == ["8", "4", "3", "2"] and len(t.y) == 4
+    assert list(fig.layout.xaxis.categoryarray) == ["8", "4", "3", "2"]
+    assert fig.layout.yaxis.type == "log" and fig.layout.barmode == "group"
+    agree = compare_figure(compare_frame(), metric="init_agreement")
+    assert agree.layout.yaxis.type != "log"
+    assert trace(agree, "lsq+").marker.color == METHOD_COLORS["lsq+"]
+
+
+def test_compare_figure_nan_inf_and_empty():
+    df = compare_frame()
+    df.loc[0, "init_kl"] = math.nan
+    df.loc[1, "init_kl"] = math.inf
+    df.loc[2, "init_kl"] = 0.0  # not drawable on a log axis
+    fig = compare_figure(df)
+    assert list(trace(fig, "lsq+").x) == ["3"]
+    assert is_empty(compare_figure(pd.DataFrame()))
+    assert is_empty(compare_figure(df, metric="qat_kl"))
+    assert is_empty(compare_figure(df.assign(init_kl=math.nan)))

@@ -6,6 +6,8 @@ the ``JobManager``, and draw the DataFrames these functions return with ``lsq.pl
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -23,6 +25,7 @@ from lsq.pipeline import (
     Workbench,
     history_frames,
     init_method,
+    prepare,
     save_result,
     train_method,
 )
@@ -75,11 +78,36 @@ class Settings:
         return asdict(self)
 
 
+_BENCHES: OrderedDict[tuple, Workbench] = OrderedDict()
+_BENCH_LOCK = threading.Lock()
+
+
+def get_workbench(settings: Settings, job: Job | None = None, keep: int = 2) -> Workbench:
+    """The float model and views for ``settings``; the last ``keep`` are kept in memory.
+
+    Shared by every session and job of the process, so switching pages or refreshing the
+    browser does not load the model again.
+    """
+    key = (settings.model, settings.data, settings.device)
+    with _BENCH_LOCK:
+        if key in _BENCHES:
+            _BENCHES.move_to_end(key)
+            return _BENCHES[key]
+    progress = job.progress if job is not None else (lambda *a: None)
+    bench = prepare(settings.model, settings.data, device=settings.device, progress=progress)
+    with _BENCH_LOCK:
+        _BENCHES[key] = bench
+        while len(_BENCHES) > keep:
+            _BENCHES.popitem(last=False)
+    return bench
+
+
 @dataclass
 class Comparison:
     """The methods of one settings, initialised (and possibly trained) side by side."""
 
     settings: Settings
+    bench: Workbench
     results: dict[str, MethodResult] = field(default_factory=dict)
     runs: dict[str, str] = field(default_factory=dict)
 
@@ -100,9 +128,10 @@ class Comparison:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def calibrate_job(job: Job, bench: Workbench, settings: Settings, save: bool = True) -> Comparison:
+def calibrate_job(job: Job, settings: Settings, save: bool = True) -> Comparison:
     """Calibrate once, initialise every chosen method, evaluate; save each as a run."""
-    comp = Comparison(settings)
+    bench = get_workbench(settings, job)
+    comp = Comparison(settings, bench)
     n = len(settings.methods)
     for i, method in enumerate(settings.methods):
         if job.stop_requested():
@@ -121,10 +150,9 @@ def calibrate_job(job: Job, bench: Workbench, settings: Settings, save: bool = T
     return comp
 
 
-def train_job(
-    job: Job, bench: Workbench, comp: Comparison, methods: list[str], train_cfg: TrainConfig
-) -> Comparison:
+def train_job(job: Job, comp: Comparison, methods: list[str], train_cfg: TrainConfig) -> Comparison:
     """QAT of the chosen methods of an initialised comparison, one after another; saves runs."""
+    bench = comp.bench
     missing = [m for m in methods if m not in comp.results]
     if missing:
         raise LSQError(f"calibrate {', '.join(missing)} first (Calibrate page)")
@@ -165,8 +193,9 @@ def events_frames(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.concat(metrics, ignore_index=True), pd.concat(traj, ignore_index=True)
 
 
-def layers_frame(bench: Workbench, comp: Comparison, eval_views: int = 8) -> pd.DataFrame:
+def layers_frame(comp: Comparison, eval_views: int = 8) -> pd.DataFrame:
     """Per-layer table of every method, long format (one row per method and layer)."""
+    bench = comp.bench
     frames = []
     views = bench.eval[:eval_views]
     for method, r in comp.results.items():
@@ -176,8 +205,9 @@ def layers_frame(bench: Workbench, comp: Comparison, eval_views: int = 8) -> pd.
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def layer_view(bench: Workbench, comp: Comparison, layer: str) -> tuple[pd.DataFrame, dict, tuple]:
+def layer_view(comp: Comparison, layer: str) -> tuple[pd.DataFrame, dict, tuple]:
     """One layer's input histogram, each method's grid (levels and range), and observed min/max."""
+    bench = comp.bench
     if bench.stats is None or layer not in bench.stats:
         raise LSQError(f"no calibration statistics for layer {layer!r}; calibrate first")
     st = bench.stats[layer]
@@ -189,13 +219,12 @@ def layer_view(bench: Workbench, comp: Comparison, layer: str) -> tuple[pd.DataF
     return histogram_frame(st), grids, (st.min, st.max)
 
 
-def sensitivity_job(
-    job: Job, bench: Workbench, comp: Comparison, method: str, views: int = 16
-) -> pd.DataFrame:
+def sensitivity_job(job: Job, comp: Comparison, method: str, views: int = 16) -> pd.DataFrame:
     """Group-by-group sensitivity of one method (weights vs activations), on a few views."""
     if method not in comp.results:
         raise LSQError(f"calibrate {method} first")
     job.progress(f"sensitivity of {method}", 0, 1)
+    bench = comp.bench
     v = bench.eval[:views]
     with torch.no_grad():
         t = bench.teacher_eval[:views]

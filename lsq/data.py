@@ -1,0 +1,415 @@
+"""Images for calibration and evaluation, and the tensors ("views") the model sees.
+
+The default images are the photos that ship inside scikit-image, read straight from the package's
+data folder so nothing is ever downloaded. User images go through ``load_image``, which checks the
+pixel count from the header before decoding anything, and ``folder_images`` for a whole folder.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from lsq.errors import LSQError
+
+SPLITS = ("calibration", "evaluation")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_PIXELS = 40_000_000
+MAX_FOLDER_IMAGES = 5000
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 1024
+
+# The two splits of scikit-image's bundled photos, disjoint by construction.
+#
+# Evaluation holds natural object photos that the bundled float EfficientNet-Lite0 recognises with
+# an ImageNet class that fits (centre crop, timm's default transform): chelsea -> 282 tiger cat
+# (0.39; 285 Egyptian cat and 281 tabby follow), coffee -> 967 espresso (0.95), camera -> 872
+# tripod (0.94; the cameraman's tripod), motorcycle_left/right -> 665 moped (0.54 / 0.55) and
+# rocket -> 657 missile (0.27; 744 projectile second). The motorcycle pair is a stereo pair, two
+# near-identical views of one scene, so both stay in the same split.
+#
+# Calibration gets everything else that is a real photograph: astronaut (a person, predicted
+# "football helmet" - no ImageNet class fits, so useless for accuracy but a fine natural colour
+# photo for activation statistics), coins and the motion-blurred clock (photos of objects),
+# microscopy (ihc, cell), retina, moon, Hubble, and the grey textures (brick, grass, gravel).
+# Synthetic pictures (chessboard, color wheel, logo, phantom, text scans) are left out: they would
+# pull the activation ranges away from what photos produce.
+EVALUATION_IMAGES: tuple[str, ...] = (
+    "chelsea.png",
+    "coffee.png",
+    "camera.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "rocket.jpg",
+)
+CALIBRATION_IMAGES: tuple[str, ...] = (
+    "astronaut.png",
+    "coins.png",
+    "clock_motion.png",
+    "ihc.png",
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+    "moon.png",
+    "cell.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+)
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+_TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def skimage_data_dir() -> Path:
+    """The folder inside the installed scikit-image package that holds its bundled photos."""
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+def bundled_images(split: str) -> list[Image.Image]:
+    """The scikit-image photos of one split ("calibration" or "evaluation"), as RGB images."""
+    if split not in SPLITS:
+        raise LSQError(f"Unknown image split {split!r}: use one of {', '.join(SPLITS)}.")
+    names = CALIBRATION_IMAGES if split == "calibration" else EVALUATION_IMAGES
+    folder = skimage_data_dir()
+    return [load_image(folder / name) for name in names]
+
+
+def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file (or its bytes) safely and return it as an RGB image.
+
+    The pixel count is read from the header before anything is decoded: a JPEG larger than
+    ``max_pixels`` is decoded at 1/2, 1/4 or 1/8 scale instead, anything else that large is
+    refused, so a small file announcing 20000 x 20000 pixels cannot exhaust memory. Grey,
+    16-bit, palette, CMYK and transparent images are converted to 8-bit RGB (transparency on
+    white), and the EXIF orientation of phone photos is applied.
+    """
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise LSQError(f"max_pixels must be a positive whole number, not {max_pixels!r}.")
+    if isinstance(source, bytes | bytearray):
+        label = "the uploaded image"
+        if not source:
+            raise LSQError("The uploaded image is empty (0 bytes).")
+        fp: io.BytesIO | Path = io.BytesIO(bytes(source))
+    elif isinstance(source, str | os.PathLike):
+        fp = Path(source)
+        label = str(fp)
+        if not fp.exists():
+            raise LSQError(f"Image file {label} does not exist.")
+        if fp.is_dir():
+            raise LSQError(f"{label} is a folder, not an image file.")
+        if fp.stat().st_size == 0:
+            raise LSQError(f"Image file {label} is empty (0 bytes).")
+    else:
+        raise LSQError(f"An image must be a file path or bytes, not {type(source).__name__}.")
+
+    with warnings.catch_warnings():
+        # The size check below is ours; Pillow's own warning would only be noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as e:
+            raise LSQError(
+                f"{label} is far too large to open ({_pixels_from_message(e)}); "
+                f"the limit is {max_pixels:,} pixels."
+            ) from e
+        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ...
+            raise LSQError(
+                f"{label} is not an image that can be read (accepted formats: "
+                f"{', '.join(IMAGE_EXTENSIONS)}): {e}"
+            ) from e
+        try:
+            return _decode_rgb(img, label, max_pixels)
+        finally:
+            img.close()
+
+
+def _pixels_from_message(error: Exception) -> str:
+    match = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(match.group(1)):,} pixels" if match else "its header announces too many pixels"
+
+
+def _decode_rgb(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
+    """Decode an opened (still lazy) image within the pixel budget and convert it to RGB."""
+    width, height = img.size
+    if width * height > max_pixels and img.format == "JPEG":
+        # JPEG can decode straight to a reduced size: pick the smallest factor that fits.
+        for factor in (2, 4, 8):
+            if math.ceil(width / factor) * math.ceil(height / factor) <= max_pixels:
+                img.draft(None, (width // factor, height // factor))
+                break
+    if img.size[0] * img.size[1] > max_pixels:
+        raise LSQError(
+            f"{label} is too large: {width} x {height} = {width * height:,} pixels, "
+            f"the limit is {max_pixels:,}. Downscale it first."
+        )
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except LSQError:
+        raise
+    except Exception as e:  # truncated data, broken chunks, decoder errors
+        raise LSQError(f"{label} is truncated or corrupt and cannot be decoded: {e}") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode; 16-bit and float images are scaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if mode == "F" and np.nanmax(a) <= 1.0:
+            a = a * 255.0
+        elif a.max() > 255:
+            a = a / 257.0 if a.max() <= 65535 else a * (255.0 / a.max())
+        grey = np.nan_to_num(a).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "1":
+        return img.convert("L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class FolderImages(tuple):
+    """``(images, labels, class_names)`` from ``folder_images``, plus ``files`` and ``skipped``.
+
+    It unpacks like the plain 3-tuple; ``files`` holds the path of every image in order and
+    ``skipped`` the files that could not be read, each with the reason.
+    """
+
+    def __new__(
+        cls,
+        images: list[Image.Image],
+        labels: list[int] | None,
+        class_names: list[str],
+        files: list[str],
+        skipped: list[str],
+    ) -> FolderImages:
+        self = super().__new__(cls, (images, labels, class_names))
+        self.files = files
+        self.skipped = skipped
+        return self
+
+    def __getnewargs__(self) -> tuple:  # so that pickle and copy (e.g. app caches) rebuild it
+        return (*self, self.files, self.skipped)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return self[0]
+
+    @property
+    def labels(self) -> list[int] | None:
+        return self[1]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self[2]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def folder_images(
+    path: str | os.PathLike,
+    max_pixels: int = MAX_PIXELS,
+    max_images: int = MAX_FOLDER_IMAGES,
+) -> FolderImages:
+    """Read a folder of images: class sub-folders (labelled) or a flat folder (unlabelled).
+
+    With sub-folders that contain images, each is a class: the label is the index of its name in
+    sorted order, and images lying directly in the folder are skipped. Otherwise the images in the
+    folder itself are returned with ``labels`` None and no class names. Unreadable files are
+    skipped (listed in ``.skipped`` and in one warning); it is an error when none can be read.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise LSQError(f"Image folder {folder} does not exist.")
+    if not folder.is_dir():
+        raise LSQError(f"{folder} is a file, not a folder of images.")
+    accepted = ", ".join(IMAGE_EXTENSIONS)
+
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = [(d.name, files) for d in subfolders if (files := _image_files(d))]
+    skipped: list[str] = []
+    if classes:
+        entries = [(f, i) for i, (_, files) in enumerate(classes) for f in files]
+        class_names = [name for name, _ in classes]
+        skipped += [f"{f}: not inside a class folder" for f in _image_files(folder)]
+    else:
+        entries = [(f, None) for f in _image_files(folder)]
+        class_names = []
+    if not entries:
+        raise LSQError(
+            f"No images found in {folder} or its sub-folders; accepted file types: {accepted}."
+        )
+    if len(entries) > max_images:
+        raise LSQError(
+            f"{folder} holds {len(entries):,} images, more than the limit of {max_images:,}; "
+            "use a smaller selection."
+        )
+
+    images: list[Image.Image] = []
+    labels: list[int] = []
+    files: list[str] = []
+    for file, label in entries:
+        try:
+            images.append(load_image(file, max_pixels=max_pixels))
+        except LSQError as e:
+            skipped.append(str(e))
+            continue
+        files.append(str(file))
+        if label is not None:
+            labels.append(label)
+    if not images:
+        raise LSQError(f"None of the {len(entries)} image files in {folder} could be read.")
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (
+            f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        )
+        warnings.warn(f"Skipped {len(skipped)} file(s) in {folder}: {shown}", stacklevel=2)
+    return FolderImages(images, labels if class_names else None, class_names, files, skipped)
+
+
+def labels_for_views(labels: Sequence[int], n_views: int) -> list[int]:
+    """The label of every view from ``make_views``: view i shows image i % len(images)."""
+    if not labels:
+        raise LSQError("No labels given.")
+    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
+        raise LSQError(
+            f"The number of views must be a whole number of at least 1, not {n_views!r}."
+        )
+    return [int(labels[i % len(labels)]) for i in range(n_views)]
+
+
+def _check_views_args(
+    images: Sequence[Image.Image], n_views: int, resolution: int, data_config: dict
+) -> None:
+    if not images:
+        raise LSQError("No images to make views from.")
+    bad = [i for i, im in enumerate(images) if not isinstance(im, Image.Image)]
+    if bad:
+        raise LSQError(f"Item {bad[0]} is a {type(images[bad[0]]).__name__}, not a PIL image.")
+    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
+        raise LSQError(
+            f"The number of views must be a whole number of at least 1, not {n_views!r}."
+        )
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, int)
+        or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION
+    ):
+        raise LSQError(
+            f"The resolution must be a whole number of pixels from {MIN_RESOLUTION} to "
+            f"{MAX_RESOLUTION}, not {resolution!r}."
+        )
+    for key in ("mean", "std"):
+        value = data_config.get(key)
+        if value is None or len(value) != 3:
+            raise LSQError(f"data_config needs a 3-channel {key!r}, got {value!r}.")
+    if any(float(s) <= 0 for s in data_config["std"]):
+        raise LSQError(f"data_config's std must be positive, got {data_config['std']!r}.")
+    interp = data_config.get("interpolation", "bicubic")
+    if interp not in _INTERPOLATIONS:
+        raise LSQError(
+            f"Unknown interpolation {interp!r} in data_config; "
+            f"use one of {', '.join(_INTERPOLATIONS)}."
+        )
+
+
+def _crop_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
+    """A random crop (top, left, h, w) covering 25-100 % of the area at aspect ratio 3/4-4/3."""
+    area = width * height
+    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
+    for _ in range(10):
+        target = area * rng.uniform(0.25, 1.0)
+        ratio = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Rare fallback for extreme aspect ratios: the largest central crop within the ratio range.
+    ratio = width / height
+    if ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif ratio > 4 / 3:
+        w, h = round(height * (4 / 3)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def make_views(
+    images: Sequence[Image.Image],
+    n_views: int,
+    resolution: int,
+    data_config: dict,
+    seed: int = 0,
+    augment: bool = True,
+) -> torch.Tensor:
+    """A float32 batch [n_views, 3, resolution, resolution] normalised with data_config's mean/std.
+
+    View i comes from image i % len(images). With ``augment`` each view is a random resized crop
+    (25-100 % of the area, aspect 3/4-4/3) with a random horizontal flip, drawn from a private
+    generator seeded with ``seed`` (the global RNGs are untouched), so a few photos give many
+    different calibration inputs and the same seed always gives the same tensor. Without it each
+    view is timm's evaluation transform (resize, centre crop) at this resolution.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    _check_views_args(images, n_views, resolution, data_config)
+    rgb = [im if im.mode == "RGB" else _to_rgb(im) for im in images]
+    mean = torch.tensor([float(m) for m in data_config["mean"]]).view(3, 1, 1)
+    std = torch.tensor([float(s) for s in data_config["std"]]).view(3, 1, 1)
+
+    if not augment:
+        import timm.data
+
+        cfg = {k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config}
+        cfg.update(
+            input_size=(3, resolution, resolution),
+            mean=tuple(float(m) for m in data_config["mean"]),
+            std=tuple(float(s) for s in data_config["std"]),
+        )
+        transform = timm.data.create_transform(**cfg, is_training=False)
+        distinct = [transform(im).float() for im in rgb[: min(len(rgb), n_views)]]
+        return torch.stack([distinct[i % len(distinct)] for i in range(n_views)]).contiguous()
+
+    interpolation = InterpolationMode(data_config.get("interpolation", "bicubic"))
+    rng = np.random.default_rng(seed)
+    views = torch.empty(n_views, 3, resolution, resolution, dtype=torch.float32)
+    for i in range(n_views):
+        img = rgb[i % len(rgb)]
+        top, left, h, w = _crop_box(rng, *img.size)
+        flip = bool(rng.random() < 0.5)
+        view = TF.resized_crop(
+            img, top, left, h, w, [resolution, resolution], interpolation=interpolation
+        )
+        if flip:
+            view = TF.hflip(view)
+        views[i] = (TF.pil_to_tensor(view).float() / 255.0 - mean) / std
+    return views

@@ -165,16 +165,18 @@ def mse_init(
     width = hi - lo
     if width <= 0 or not math.isfinite(width):
         return minmax_init(x.float(), qmin, qmax, asymmetric, lo, hi)
-    fine = torch.histc(x, bins=bins, min=lo, max=hi)
+    # Each bin is represented by the mean of its values (not its centre): a spike of exact
+    # values, such as ReLU's zeros or ReLU6's sixes, then sits where it really is.
+    idx = ((x - lo) * (bins / width)).long().clamp_(0, bins - 1)
+    fine = (torch.bincount(idx, minlength=bins).double(), torch.bincount(idx, x, minlength=bins))
     # The coarse grid of candidates scores on a coarser histogram (8x fewer bins); the zoom
     # rounds, where the candidates are close together, on the fine one.
-    coarse = fine.view(-1, 8).sum(1) if bins % 8 == 0 else fine
+    coarse = tuple(t.view(-1, 8).sum(1) for t in fine) if bins % 8 == 0 else fine
 
-    def occupied(counts: Tensor) -> tuple[Tensor, Tensor]:
-        n = counts.numel()
-        centers = lo + (torch.arange(n, dtype=x.dtype) + 0.5) * (width / n)
+    def occupied(hist: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        counts, sums = hist
         keep = counts > 0
-        return centers[keep].float(), counts[keep].float()
+        return (sums[keep] / counts[keep]).float(), counts[keep].float()
 
     hist_coarse, hist_fine = occupied(coarse), occupied(fine)
     levels = qmax - qmin

@@ -1,0 +1,45 @@
+"""First page: what LSQ+ is, what each page shows, and a one-click demo."""
+
+import streamlit as st
+
+from lsq.explorer import Settings, calibrate_job
+from lsq.jobs import Job
+from ui import job_manager, show_job, submit
+
+st.title("LSQ+ Explorer")
+st.markdown(
+    """
+**LSQ** (Esser et al., 2020) trains the step size of each quantizer together with the weights.
+**LSQ+** (Bhalgat et al., 2020) adds a learnable **offset** to activation quantizers and starts
+the ranges well: weights from mean ± 3σ, activations from the scale and offset that minimise the
+quantization error (an MSE search). Swish-like activations and residual streams are negative and
+skewed; unsigned LSQ clips them to zero, signed LSQ spends a bit on a sign, and LSQ+'s offset fits
+them at no inference cost (it folds into the bias).
+
+- **Calibrate**: every layer's initial range for each method against the observed min/max;
+  one layer's input histogram with each method's quantization levels; agreement with the float
+  model right after init.
+- **Train**: a short quantization-aware training run, live loss and agreement curves, and how a
+  layer's scale and offset move.
+- **Layers**: per-layer error (SQNR) of LSQ+ next to each baseline, worst layers marked, and
+  which part of the network the error comes from.
+- **Runs**: saved runs: open, compare, download the per-layer CSV and the checkpoint.
+
+Pick the model, bits and methods in the sidebar, or start with the default.
+"""
+)
+
+default = Settings()
+st.caption(
+    f"Default: bundled EfficientNet-Lite0 (ImageNet weights), W{default.w_bits}A{default.a_bits}, "
+    f"{', '.join(default.methods)}, {default.data.calib_views} views of the photos that ship with "
+    "scikit-image."
+)
+if st.button("Run the default", type="primary"):
+    job = submit(
+        Job("calibrate", "Calibration (default)", {"settings": default}),
+        lambda job: calibrate_job(job, default),
+    )
+    if job is not None:
+        st.switch_page("pages/calibrate.py")
+show_job(job_manager().active(), "any")

@@ -1,0 +1,83 @@
+"""Runs: saved runs listed; open one, compare two, download the per-layer CSV and checkpoint."""
+
+import pandas as pd
+import streamlit as st
+
+from lsq.errors import LSQError
+from lsq.runs import list_runs, load_run
+
+st.title("Saved runs")
+infos = list_runs()
+if not infos:
+    st.info("No saved runs yet: calibrating or training saves one per method.")
+    st.stop()
+rows = [
+    {
+        "run": i.name,
+        "status": i.status,
+        "label": f"{i.config.get('method')} W{i.config.get('w_bits')}A{i.config.get('a_bits')}",
+        "agreement": ((i.meta.get("metrics_final") or i.meta.get("metrics_init")) or {}).get(
+            "agreement"
+        ),
+        "kl": ((i.meta.get("metrics_final") or i.meta.get("metrics_init")) or {}).get("kl"),
+        "trained": bool(i.meta.get("train")),
+    }
+    for i in infos
+]
+table = pd.DataFrame(rows)
+st.dataframe(table, hide_index=True)
+incomplete = table[table.status == "incomplete"]
+if len(incomplete):
+    st.warning(
+        f"{len(incomplete)} run(s) were interrupted (server stopped mid-run): marked incomplete."
+    )
+
+names = list(table["run"])
+chosen = st.multiselect(
+    "Open one run, or two to compare", names, default=names[:1], max_selections=2
+)
+opened = []
+for name in chosen:
+    try:
+        opened.append(load_run(name))
+    except LSQError as e:
+        st.error(str(e))
+if len(opened) == 2:
+    a, b = opened
+    la, lb = a.tables.get("layers"), b.tables.get("layers")
+    if la is not None and lb is not None and "output_sqnr_db" in la:
+        merged = la[["layer", "output_sqnr_db"]].merge(
+            lb[["layer", "output_sqnr_db"]],
+            on="layer",
+            suffixes=(f" {a.info.name}", f" {b.info.name}"),
+        )
+        st.subheader("Output SQNR (dB), side by side")
+        st.dataframe(merged, hide_index=True)
+for run in opened:
+    st.subheader(run.info.name)
+    st.write(f"Status: **{run.info.status}** {run.info.message}")
+    meta = run.info.meta
+    st.json(
+        {
+            "config": run.info.config,
+            "metrics_init": meta.get("metrics_init"),
+            "metrics_final": meta.get("metrics_final"),
+        },
+        expanded=False,
+    )
+    if "layers" in run.tables:
+        st.dataframe(run.tables["layers"], hide_index=True)
+        st.download_button(
+            "Per-layer CSV",
+            run.tables["layers"].to_csv(index=False),
+            file_name=f"{run.info.name}-layers.csv",
+            key=f"csv-{run.info.name}",
+        )
+    state = run.info.path / "state.safetensors"
+    if state.exists():
+        st.download_button(
+            "Checkpoint (safetensors)",
+            state.read_bytes(),
+            file_name=f"{run.info.name}.safetensors",
+            key=f"ckpt-{run.info.name}",
+        )

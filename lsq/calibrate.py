@@ -88,7 +88,7 @@ class ActStats:
         counts = torch.histc(
             x, bins=HIST_BINS, min=self.hist_lo, max=self.hist_lo + self.hist_width
         )
-        self.hist += counts.double()
+        self.hist += counts.double().cpu()
 
     def _update_sample(self, x: Tensor, n: int, generator: torch.Generator) -> None:
         # Keep a uniform sample of everything seen: old and new values in proportion to counts.

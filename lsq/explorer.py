@@ -43,7 +43,7 @@ class Settings:
     """Everything the sidebar decides."""
 
     model: ModelSpec = ModelSpec()
-    data: DataConfig = DataConfig(calib_views=32, eval_views=32)
+    data: DataConfig = DataConfig(resolution=224, calib_views=32, eval_views=32)
     w_bits: int = 8
     a_bits: int = 4
     methods: tuple[str, ...] = ("lsq+", "lsq", "lsq-signed", "minmax")

@@ -1,0 +1,95 @@
+"""The app in a real browser: streamlit run + Debian's Chromium driven by Playwright.
+
+Runs the one-click default (bundled EfficientNet-Lite0, 224 px, four methods) exactly as a user
+would, and saves a screenshot to test-output/browser/. Skipped only where Chromium is missing.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "test-output" / "browser"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+    reason="Debian's chromium is not installed (.ci/run installs it)",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    env = dict(os.environ, LSQ_RUNS_DIR=str(tmp_path_factory.mktemp("runs")))
+    env["LSQ_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+            "--server.headless", "true", "--server.port", str(port),
+            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+        ],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not answer /_stcore/health within 60 s")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def test_default_calibration_renders_charts_in_chromium(server):
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server)
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
+        page.get_by_role("button", name="Run the default").click()
+        start = time.time()
+        # The Calibrate page draws its charts once the background job has finished.
+        page.wait_for_selector("[data-testid='stPlotlyChart']", timeout=240_000)
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
+        seconds = time.time() - start
+        page.wait_for_timeout(1500)  # let plotly finish drawing before the screenshot
+        assert page.locator("[data-testid='stException']").count() == 0
+        assert page.locator("[data-testid='stPlotlyChart']").count() >= 2
+        assert page.locator(".js-plotly-plot .trace").count() > 0
+        page.screenshot(path=str(OUT / "calibrate.png"), full_page=True)
+        (OUT / "timing.txt").write_text(f"default calibration to charts: {seconds:.1f} s\n")
+        browser.close()

@@ -177,7 +177,7 @@ def _fmt_metrics(m: dict) -> str:
 
 def cmd_run(args) -> int:
     from lsq.analysis import layer_table
-    from lsq.pipeline import init_method, save_result, train_method
+    from lsq.pipeline import finish_run, init_method, start_run, train_method, write_progress
 
     t0 = time.perf_counter()
     steps = 50 if args.steps is None else args.steps
@@ -195,6 +195,7 @@ def cmd_run(args) -> int:
     result = init_method(bench, config, progress)
     bar.close()
     print(f"{config.label} after init: {_fmt_metrics(result.metrics_init)}")
+    run = start_run(bench, result, train_cfg, root=args.runs_dir)
     if train_cfg is not None:
         with tqdm(total=steps, file=sys.stderr, desc="QAT", leave=False) as tbar:
 
@@ -202,6 +203,8 @@ def cmd_run(args) -> int:
                 if e.kind == "step":
                     tbar.update(1)
                     tbar.set_postfix(loss=f"{e.loss:.4f}")
+                    if e.step % 10 == 0:
+                        write_progress(run, result)
 
             train_method(bench, result, train_cfg, on_event=on_event)
         if result.status != "complete":
@@ -223,7 +226,7 @@ def cmd_run(args) -> int:
     ]
     print("\nworst layers (output SQNR against the float model):")
     print(worst.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    run = save_result(bench, result, train_cfg, root=args.runs_dir)
+    finish_run(run, bench, result)
     print(f"\nsaved run: {run.path}  ({time.perf_counter() - t0:.0f} s)")
     return 0 if result.status in ("complete", "stopped") else 1
 

@@ -23,11 +23,14 @@ from lsq.pipeline import (
     MethodResult,
     ModelSpec,
     Workbench,
+    finish_run,
     history_frames,
     init_method,
     prepare,
     save_result,
+    start_run,
     train_method,
+    write_progress,
 )
 from lsq.train import TrainConfig
 
@@ -161,8 +164,12 @@ def train_job(job: Job, comp: Comparison, methods: list[str], train_cfg: TrainCo
             break
         result = comp.results[method]
 
-        def on_event(e, method=method, i=i) -> None:
+        run = start_run(bench, result, train_cfg)
+
+        def on_event(e, method=method, i=i, run=run, result=result) -> None:
             job.add_event((method, e))
+            if e.kind == "step" and e.step % 10 == 0:
+                write_progress(run, result)
             if e.kind == "step":
                 job.progress(
                     f"training {method}",
@@ -171,7 +178,8 @@ def train_job(job: Job, comp: Comparison, methods: list[str], train_cfg: TrainCo
                 )
 
         train_method(bench, result, train_cfg, on_event=on_event, should_stop=job.stop_requested)
-        comp.runs[method] = str(save_result(bench, result, train_cfg).path)
+        finish_run(run, bench, result)
+        comp.runs[method] = str(run.path)
     return comp
 
 

@@ -246,10 +246,11 @@ def history_frames(result: MethodResult) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(metrics), pd.DataFrame(traj)
 
 
-def save_result(
+def start_run(
     bench: Workbench, result: MethodResult, train_cfg: TrainConfig | None = None, root=None
 ):
-    """Write a run folder: config, per-layer table, metrics, trajectories, state dict."""
+    """Create the run folder before long work (status "running"), so a crash leaves it marked
+    incomplete rather than missing; ``finish_run`` fills it in."""
     from lsq.runs import Run
 
     meta = {
@@ -257,19 +258,36 @@ def save_result(
         "data": asdict(bench.data),
         "train": train_cfg.to_dict() if train_cfg is not None else None,
         "metrics_init": result.metrics_init,
-        "metrics_final": result.metrics_final,
-        "seconds": result.seconds,
     }
     run = Run.create(bench.spec.name, result.config, meta=meta, root=root)
-    run.write_table("layers", layer_table(result.model, bench.stats, bench.eval[:8]))
     run.write_table("init", result.init_frame())
+    result.run_path = run.path
+    return run
+
+
+def write_progress(run, result: MethodResult) -> None:
+    """Save the training history so far (atomically), e.g. every few steps."""
     if result.history:
         metrics, traj = history_frames(result)
         run.write_table("metrics", metrics)
         run.write_table("trajectories", traj)
+
+
+def finish_run(run, bench: Workbench, result: MethodResult) -> None:
+    """Write the per-layer table, history, state dict and final metrics; mark the run done."""
+    run.write_table("layers", layer_table(result.model, bench.stats, bench.eval[:8]))
+    write_progress(run, result)
     run.write_state({k: v.detach().cpu() for k, v in result.model.state_dict().items()})
+    run.update_meta(metrics_final=result.metrics_final, seconds=result.seconds)
     run.finish(result.status, result.message)
-    result.run_path = run.path
+
+
+def save_result(
+    bench: Workbench, result: MethodResult, train_cfg: TrainConfig | None = None, root=None
+):
+    """Write a whole run folder at once: config, per-layer table, metrics, state dict."""
+    run = start_run(bench, result, train_cfg, root)
+    finish_run(run, bench, result)
     return run
 
 

@@ -310,6 +310,13 @@ class Run:
         run.set_status("running")
         return run
 
+    def update_meta(self, **changes: object) -> None:
+        """Merge ``changes`` into the meta of config.json (rewritten atomically)."""
+        doc = json.loads((self.path / "config.json").read_text())
+        doc["meta"] = {**doc.get("meta", {}), **changes}
+        _dumps(doc, "the run's meta")
+        _write_json_file(self.path / "config.json", doc, "the run's config")
+
     def set_status(self, status: str, message: str = "") -> None:
         """Rewrite status.json; any status but "running" also stamps the finish time."""
         self.status = _check_status(status)

@@ -75,9 +75,12 @@ def quantizer_cases(shape, per_channel: bool):
         b = torch.tensor(-0.3, requires_grad=True)
         ours_args = (s, b, 0, 15)
 
-    def ours():
-        xr.grad = None
-        fake_quantize(xr, *ours_args, grad_scale=0.01).backward(g)
+    def ours(kernels):
+        def run():
+            xr.grad = None
+            fake_quantize(xr, *ours_args, grad_scale=0.01, kernels=kernels).backward(g)
+
+        return run
 
     zp = torch.zeros(c, dtype=torch.float32, requires_grad=True)
     sn = torch.full((c,), 0.05, requires_grad=True)
@@ -93,7 +96,12 @@ def quantizer_cases(shape, per_channel: bool):
     def clone():
         x.clone()
 
-    return {"ours": ours, "native": native, "clone": clone}
+    return {
+        "ours (eager)": ours("eager"),
+        "ours (compiled)": ours("compiled"),
+        "native": native,
+        "clone": clone,
+    }
 
 
 def bench_quantizer(rounds: int) -> list[dict]:
@@ -102,19 +110,21 @@ def bench_quantizer(rounds: int) -> list[dict]:
         for per_channel in (False, True):
             cases = quantizer_cases(shape, per_channel)
             times = interleaved(cases, rounds if shape[0] == 64 else rounds * 4)
-            ours, native, clone = times["ours"], times["native"], times["clone"]
-            rows.append(
-                {
-                    "what": "fake_quantize fwd+bwd",
-                    "shape": "x".join(map(str, shape)),
-                    "kind": "per-channel weights" if per_channel else "per-tensor LSQ+",
-                    "ours_ms": 1e3 * statistics.median(ours),
-                    "native_ms": 1e3 * statistics.median(native),
-                    "clone_ms": 1e3 * statistics.median(clone),
-                    "ours/native": median_ratio(ours, native),
-                    "ours/clone": median_ratio(ours, clone),
-                }
-            )
+            native, clone = times["native"], times["clone"]
+            for kernels in ("eager", "compiled"):
+                ours = times[f"ours ({kernels})"]
+                rows.append(
+                    {
+                        "fake_quantize fwd+bwd": "x".join(map(str, shape)),
+                        "kind": "per-channel weights" if per_channel else "per-tensor LSQ+",
+                        "kernels": kernels,
+                        "ours ms": 1e3 * statistics.median(ours),
+                        "native ms": 1e3 * statistics.median(native),
+                        "clone ms": 1e3 * statistics.median(clone),
+                        "ours/native": median_ratio(ours, native),
+                        "ours/clone": median_ratio(ours, clone),
+                    }
+                )
     return rows
 
 
@@ -130,7 +140,8 @@ def bench_model(rounds: int) -> list[dict]:
 
     loaded = load_model()
     teacher = loaded.model.eval()
-    views = make_views(bundled_images("calibration"), 32, 160, loaded.data_config, seed=0)
+    # The calibration of bench/quality.py and the CLI's default: 64 views.
+    views = make_views(bundled_images("calibration"), 64, 160, loaded.data_config, seed=0)
     batch = views[:16]
     cfg = make_config("lsq+", 4, 4)
     qmodel = copy.deepcopy(teacher)
@@ -170,16 +181,24 @@ def bench_model(rounds: int) -> list[dict]:
 
         return run
 
-    times = interleaved({"qat": step(qmodel, opt_q), "float": step(fmodel, opt_f)}, rounds, 1)
-    rows.append(
-        {
-            "what": "QAT step vs float training step",
-            "shape": "bundled EfficientNet-Lite0, 160 px, batch 16",
-            "ours_ms": 1e3 * statistics.median(times["qat"]),
-            "baseline_ms": 1e3 * statistics.median(times["float"]),
-            "ratio": median_ratio(times["qat"], times["float"]),
-        }
-    )
+    from lsq.quantizers import set_kernels
+
+    qmodel_c = copy.deepcopy(qmodel)
+    set_kernels(qmodel_c, "compiled")
+    opt_c = torch.optim.Adam(qmodel_c.parameters(), lr=1e-5)
+    cases = {"eager": step(qmodel, opt_q), "compiled": step(qmodel_c, opt_c)}
+    cases["float"] = step(fmodel, opt_f)
+    times = interleaved(cases, rounds, 2)
+    for kernels in ("eager", "compiled"):
+        rows.append(
+            {
+                "what": f"QAT step ({kernels} quantizers) vs float training step",
+                "shape": "bundled EfficientNet-Lite0, 160 px, batch 16",
+                "ours_ms": 1e3 * statistics.median(times[kernels]),
+                "baseline_ms": 1e3 * statistics.median(times["float"]),
+                "ratio": median_ratio(times[kernels], times["float"]),
+            }
+        )
     return rows
 
 

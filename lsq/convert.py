@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 from torch import Tensor, nn
 
 from lsq.config import QuantConfig
@@ -50,6 +51,10 @@ class QuantLayer(nn.Module):
             return layer._conv_forward(xq, wq, layer.bias)
         if type(layer) is nn.Linear:
             return F.linear(xq, wq, layer.bias)
+        if type(layer) is Conv2dSame:  # timm's TF "same" padding, called directly (no overhead)
+            return conv2d_same(
+                xq, wq, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
+            )
         # Subclasses with their own forward (Conv2dSame and friends): run it with the new weight.
         return torch.func.functional_call(layer, {"weight": wq}, (xq,))
 

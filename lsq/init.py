@@ -192,18 +192,18 @@ def mse_init(
             off = lo + aa * width - qmin * s
             return s, off, _hist_mse(*hist, s.float(), off.float(), qmin, qmax)
 
-        a = b = _grid(0, 1, 64, x.dtype) ** 2 * 0.98
-        step = 0.98 / 63
+        a = b = _grid(0, 1, 48, x.dtype) ** 2 * 0.98
+        step = 0.98 / 47
         s, off, err = evaluate(a, b, hist_coarse)
         best = int(err.argmin())
-        for _ in range(3):
+        for _ in range(4):
             a0 = float((off[best] + qmin * s[best] - lo) / width)
             b0 = float(1 - a0 - s[best] * levels / width)
-            a = (a0 + _grid(-step, step, 17, x.dtype)).clamp(0, 0.999)
-            b = (b0 + _grid(-step, step, 17, x.dtype)).clamp(0, 0.999)
+            a = (a0 + _grid(-step, step, 13, x.dtype)).clamp(0, 0.999)
+            b = (b0 + _grid(-step, step, 13, x.dtype)).clamp(0, 0.999)
             s, off, err = evaluate(a, b, hist_fine)
             best = int(err.argmin())
-            step /= 8
+            step /= 6
         scale, offset = s[best], off[best]
     else:
         # Candidates: a fraction t of the scale that clips nothing.

@@ -18,6 +18,7 @@ The scale and offset gradients are multiplied by ``grad_scale`` (LSQ's g = 1 / s
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -38,41 +39,94 @@ def int_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def _forward_kernel(
+    x: Tensor, scale: Tensor, offset: Tensor | None, qmin: int, qmax: int
+) -> Tensor:
+    """round(clamp((x - offset) / scale, qmin, qmax)) * scale + offset, in one buffer."""
+    if offset is None:
+        v = x / scale
+    else:
+        v = x - offset
+        v.div_(scale)
+    v.clamp_(qmin, qmax).round_().mul_(scale)
+    if offset is not None:
+        v.add_(offset)
+    return v
+
+
+def _backward_kernel(
+    g: Tensor, x: Tensor, scale: Tensor, offset: Tensor | None, qmin: int, qmax: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of x, scale and offset (before LSQ's gradient scaling), recomputed from x."""
+    if offset is None:
+        v = x / scale
+    else:
+        v = x - offset
+        v.div_(scale)
+    inside = (v > qmin) & (v < qmax)
+    q = v.clamp(qmin, qmax).round_()
+    # d x_hat / d scale: round(v) - v inside; outside, the bound, which q equals there.
+    ds = torch.where(inside, q - v, q)
+    grad_x = torch.where(inside, g, 0.0)
+    grad_scale = (g * ds).sum_to_size(scale.shape)
+    # d x_hat / d offset = 1 outside: g - grad_x is exactly g outside and 0 inside.
+    grad_offset = None if offset is None else (g - grad_x).sum_to_size(offset.shape)
+    return grad_x, grad_scale, grad_offset
+
+
+#: Kernels by name. "compiled" fuses each into one pass over memory with torch.compile (a first
+#: compile costs ~15 s on 2 CPU cores, then it is cached on disk); "eager" runs them op by op.
+KERNELS = ("eager", "compiled")
+_compiled: dict[str, object] = {}
+
+
+def _kernels(kind: str):
+    if kind == "eager":
+        return _forward_kernel, _backward_kernel
+    if not _compiled:
+        _compiled["forward"] = torch.compile(_forward_kernel, dynamic=True)
+        _compiled["backward"] = torch.compile(_backward_kernel, dynamic=True)
+    return _compiled["forward"], _compiled["backward"]
+
+
+def compiled_kernels_work() -> bool:
+    """Whether torch.compile works here (it needs a C++ compiler on the CPU); tried once."""
+    if "ok" not in _compiled:
+        try:
+            fwd, bwd = _kernels("compiled")
+            x = torch.linspace(-2, 2, 64).reshape(4, 16)
+            fwd(x, torch.tensor(0.1), torch.tensor(0.0), 0, 15)
+            bwd(x, x, torch.tensor(0.1), torch.tensor(0.0), 0, 15)
+            _compiled["ok"] = True
+        except Exception as e:  # no compiler, unsupported platform: eager still works
+            warnings.warn(f"torch.compile is unavailable ({e}); using eager kernels", stacklevel=2)
+            _compiled["ok"] = False
+    return bool(_compiled["ok"])
+
+
 class _FakeQuantize(torch.autograd.Function):
     """Forward and backward in one place, so the value never depends on whether grad is on."""
 
     @staticmethod
-    def forward(ctx, x, scale, offset, qmin, qmax, grad_scale):  # noqa: D102
-        v = x - offset if offset is not None else x
-        v = v / scale
-        q = v.clamp(qmin, qmax).round_()
-        out = q * scale
-        if offset is not None:
-            out = out + offset
+    def forward(ctx, x, scale, offset, qmin, qmax, grad_scale, kernels):  # noqa: D102
+        forward, _ = _kernels(kernels)
+        out = forward(x, scale, offset, qmin, qmax)
         if any(ctx.needs_input_grad[:3]):
-            inside = (v > qmin) & (v < qmax)
-            # d x_hat / d scale: round(v) - v inside; outside, the bound, which q equals there.
-            ds = q - v * inside if ctx.needs_input_grad[1] else None
-            ctx.save_for_backward(inside, ds)
-            ctx.shapes = (scale.shape, None if offset is None else offset.shape)
-            ctx.grad_scale = grad_scale
-            ctx.x_dtype = x.dtype
+            ctx.save_for_backward(x, scale, offset)
+            ctx.args = (qmin, qmax, grad_scale, kernels)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        inside, ds = ctx.saved_tensors
-        scale_shape, offset_shape = ctx.shapes
-        grad_out = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
-        grad_x = grad_out * inside
-        grad_scale = grad_offset = None
-        if ctx.needs_input_grad[1]:
-            grad_scale = (grad_out * ds).sum_to_size(scale_shape) * ctx.grad_scale
-        if offset_shape is not None and ctx.needs_input_grad[2]:
-            # d/d offset = 1 outside. g - g*inside is exactly g outside and 0 inside, elementwise.
-            grad_offset = (grad_out - grad_x).sum_to_size(offset_shape) * ctx.grad_scale
-        grad_x = grad_x.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_scale, grad_offset, None, None, None
+        x, scale, offset = ctx.saved_tensors
+        qmin, qmax, grad_scale, kernels = ctx.args
+        _, backward = _kernels(kernels)
+        g = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
+        grad_x, grad_s, grad_b = backward(g, x, scale, offset, qmin, qmax)
+        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_s = grad_s * grad_scale if ctx.needs_input_grad[1] else None
+        grad_b = grad_b * grad_scale if grad_b is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_s, grad_b, None, None, None, None
 
 
 def fake_quantize(
@@ -82,16 +136,20 @@ def fake_quantize(
     qmin: int,
     qmax: int,
     grad_scale: float = 1.0,
+    kernels: str = "eager",
 ) -> Tensor:
     """Quantize x to integers in [qmin, qmax] and back, with LSQ/LSQ+ gradients.
 
     ``scale`` and ``offset`` broadcast against ``x``: a 0-d tensor is per-tensor, a [C, 1, 1, 1]
     tensor is per-output-channel. ``offset=None`` is a symmetric quantizer (offset fixed at 0).
-    ``grad_scale`` multiplies the gradients of scale and offset, not of x.
+    ``grad_scale`` multiplies the gradients of scale and offset, not of x. ``kernels`` picks the
+    eager or the torch.compile'd implementation of the same arithmetic (see KERNELS).
     """
     if qmin >= qmax:
         raise LSQError(f"quantizer range is empty: qmin={qmin} must be below qmax={qmax}")
-    return _FakeQuantize.apply(x, scale, offset, int(qmin), int(qmax), float(grad_scale))
+    if kernels not in KERNELS:
+        raise LSQError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    return _FakeQuantize.apply(x, scale, offset, int(qmin), int(qmax), float(grad_scale), kernels)
 
 
 class Quantizer(nn.Module):
@@ -126,6 +184,8 @@ class Quantizer(nn.Module):
         self.grad_scaling = grad_scaling
         self.role = role
         self.enabled = True
+        #: "eager" or "compiled" (see KERNELS); both compute the same values.
+        self.kernels = "eager"
         shape = (channels,) if per_channel else ()
         self.scale = nn.Parameter(torch.ones(shape), requires_grad=learnable)
         self.offset = (
@@ -211,7 +271,7 @@ class Quantizer(nn.Module):
             )
         s = self._broadcast(self.effective_scale(), x.dim())
         b = self._broadcast(self.offset, x.dim())
-        return fake_quantize(x, s, b, self.qmin, self.qmax, self.grad_scale_for(x))
+        return fake_quantize(x, s, b, self.qmin, self.qmax, self.grad_scale_for(x), self.kernels)
 
     def extra_repr(self) -> str:
         kind = "asymmetric" if self.asymmetric else ("signed" if self.signed else "unsigned")
@@ -232,6 +292,19 @@ def check_bits(bits: object, what: str = "bits") -> int:
     if not MIN_BITS <= bits <= MAX_BITS:
         raise LSQError(f"{what} must be from {MIN_BITS} to {MAX_BITS}, got {bits}")
     return bits
+
+
+def set_kernels(model: nn.Module, kernels: str) -> str:
+    """Use ``kernels`` in every quantizer of ``model``; falls back to eager (and says so in the
+    return value) when torch.compile does not work here."""
+    if kernels not in KERNELS:
+        raise LSQError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels == "compiled" and not compiled_kernels_work():
+        kernels = "eager"
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.kernels = kernels
+    return kernels
 
 
 def project_scales_(model: nn.Module) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
-from lsq.quantizers import Quantizer, project_scales_
+from lsq.quantizers import Quantizer, project_scales_, set_kernels
 
 OPTIMIZERS = ("adam", "sgd")
 LOSSES = ("kd", "ce")
@@ -52,6 +52,8 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = False
     train_weights: bool = True
+    #: Fused torch.compile'd quantizer kernels (same values; a first compile costs ~15 s).
+    compile: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):
@@ -64,8 +66,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise LSQError(f"{name} must be a finite number, got {v!r}")
-            if v < 0 or (name.startswith("lr") and v > 10):
-                raise LSQError(f"{name} must be from 0 to 10, got {v}")
+            if v < 0 or (name.startswith("lr") and v > 1e6):
+                raise LSQError(f"{name} must be from 0 to 1e6, got {v}")
         if self.optimizer not in OPTIMIZERS:
             raise LSQError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
@@ -197,6 +199,7 @@ def train(
         teacher_eval = _logits(teacher, eval_views, device)
         teacher_train = _logits(teacher, train_views, device)
 
+    kernels = set_kernels(model, "compiled" if cfg.compile else "eager")
     groups = _param_groups(model, cfg)
     if not groups:
         raise LSQError("nothing to train: no learnable quantizer and weights frozen")
@@ -214,8 +217,15 @@ def train(
         return None
 
     agreement, kl = agreement_and_kl(model, eval_views, teacher_eval)
+    note = "" if kernels == "compiled" or not cfg.compile else "torch.compile unavailable: eager"
     yield TrainEvent(
-        "eval", 0, cfg.steps, agreement=agreement, kl=kl, quantizers=quantizer_snapshot(model)
+        "eval",
+        0,
+        cfg.steps,
+        agreement=agreement,
+        kl=kl,
+        message=note,
+        quantizers=quantizer_snapshot(model),
     )
     n = train_views.shape[0]
     start = time.perf_counter()

@@ -36,14 +36,18 @@ def bound_points(s, b, n, p):
     )
 
 
+KERNELS = ["eager", pytest.param("compiled", marks=pytest.mark.compiled)]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_values_and_gradients_match_reference_at_and_around_bounds(bits, signed):
+def test_values_and_gradients_match_reference_at_and_around_bounds(bits, signed, kernels):
     n, p = int_range(bits, signed)
     s, b = torch.tensor(0.5), torch.tensor(0.25)
     x = bound_points(0.5, 0.25, n, p)
     gout = torch.linspace(0.5, 1.5, x.numel())
-    ours = grads(lambda x, s, b: fake_quantize(x, s, b, n, p), x, s, b, gout)
+    ours = grads(lambda x, s, b: fake_quantize(x, s, b, n, p, kernels=kernels), x, s, b, gout)
     ref = grads(lambda x, s, b: reference(x, s, b, n, p), x, s, b, gout)
     for a, r in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
@@ -69,8 +73,9 @@ def test_bound_semantics_explicitly():
     assert xr.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("seed", range(6))
-def test_random_shapes_per_tensor_and_per_channel_with_grad_scale(seed):
+def test_random_shapes_per_tensor_and_per_channel_with_grad_scale(seed, kernels):
     gen = torch.Generator().manual_seed(seed)
     ndim = 1 + seed % 4
     shape = [int(torch.randint(1, 7, (1,), generator=gen)) for _ in range(ndim)]
@@ -90,7 +95,9 @@ def test_random_shapes_per_tensor_and_per_channel_with_grad_scale(seed):
     flat[0] = (b.reshape(-1)[0] + n * s.reshape(-1)[0]).item()
     flat[-1] = (b.reshape(-1)[-1] + p * s.reshape(-1)[-1]).item()
     for offset in (b, None):
-        y, gx, gs, gb = grads(lambda x, s, b: fake_quantize(x, s, b, n, p, g), x, s, offset, gout)
+        y, gx, gs, gb = grads(
+            lambda x, s, b: fake_quantize(x, s, b, n, p, g, kernels), x, s, offset, gout
+        )
         ry, rgx, rgs, rgb = grads(lambda x, s, b: reference(x, s, b, n, p), x, s, offset, gout)
         torch.testing.assert_close(y, ry)
         torch.testing.assert_close(gx, rgx)
@@ -100,8 +107,10 @@ def test_random_shapes_per_tensor_and_per_channel_with_grad_scale(seed):
         assert gs.shape == s.shape
 
 
-def test_forward_is_bit_identical_with_and_without_grad():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_forward_is_bit_identical_with_and_without_grad(kernels):
     q = Quantizer(4, signed=False, asymmetric=True)
+    q.kernels = kernels
     q.set_range(torch.tensor(0.1234567), torch.tensor(-0.3333))
     s, b = q.scale.detach(), q.offset.detach()
     # Values that sit exactly on rounding boundaries are the ones an ulp in s would flip.
@@ -182,3 +191,32 @@ def test_frozen_quantizer_has_no_trainable_parameters_and_state_round_trips():
     q3 = Quantizer(4, signed=True)
     q3.load_state_dict(q2.state_dict())
     assert q3.signed is False and not bool(q3.initialized)
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_compiled_and_eager_kernels_give_bit_identical_values_and_gradients(per_channel):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, 9, 9, generator=gen) * 3
+    g = torch.randn(x.shape, generator=gen)
+    if per_channel:
+        s, b, n, p = torch.rand(16, 1, 1, 1, generator=gen) + 0.05, None, -8, 7
+    else:
+        s, b, n, p = torch.tensor(0.07), torch.tensor(-0.4), 0, 15
+    out = {}
+    for kernels in ("eager", "compiled"):
+        out[kernels] = grads(
+            lambda x, s, b, k=kernels: fake_quantize(x, s, b, n, p, 0.1, k), x, s, b, g
+        )
+    for a, c in zip(out["eager"], out["compiled"], strict=True):
+        if a is None:
+            assert c is None
+        elif a.dim() == 0 or a.shape == s.shape:  # reductions: summation order may differ
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, c)
+
+
+def test_unknown_kernels_are_refused():
+    with pytest.raises(LSQError, match="kernels"):
+        fake_quantize(torch.zeros(3), torch.tensor(1.0), None, 0, 3, kernels="fast")

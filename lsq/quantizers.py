@@ -84,6 +84,9 @@ def _kernels(kind: str):
     if kind == "eager":
         return _forward_kernel, _backward_kernel
     if not _compiled:
+        # One graph per variant (rank, per-channel or not, offset or not, grad or not): more
+        # than dynamo's default limit of 8 in a whole model, far fewer than 64.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled["forward"] = torch.compile(_forward_kernel, dynamic=True)
         _compiled["backward"] = torch.compile(_backward_kernel, dynamic=True)
     return _compiled["forward"], _compiled["backward"]
@@ -104,13 +107,18 @@ def compiled_kernels_work() -> bool:
     return bool(_compiled["ok"])
 
 
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
 class _FakeQuantize(torch.autograd.Function):
     """Forward and backward in one place, so the value never depends on whether grad is on."""
 
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax, grad_scale, kernels):  # noqa: D102
         forward, _ = _kernels(kernels)
-        out = forward(x, scale, offset, qmin, qmax)
+        # detach(): plain tensors, so a weight (a Parameter) does not compile a graph of its own.
+        out = forward(x.detach(), scale.detach(), _detach(offset), qmin, qmax)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(x, scale, offset)
             ctx.args = (qmin, qmax, grad_scale, kernels)
@@ -122,7 +130,9 @@ class _FakeQuantize(torch.autograd.Function):
         qmin, qmax, grad_scale, kernels = ctx.args
         _, backward = _kernels(kernels)
         g = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
-        grad_x, grad_s, grad_b = backward(g, x, scale, offset, qmin, qmax)
+        grad_x, grad_s, grad_b = backward(
+            g, x.detach(), scale.detach(), _detach(offset), qmin, qmax
+        )
         grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_s = grad_s * grad_scale if ctx.needs_input_grad[1] else None
         grad_b = grad_b * grad_scale if grad_b is not None and ctx.needs_input_grad[2] else None

@@ -225,3 +225,79 @@ def test_server_binds_to_localhost_by_default_and_readme_says_how_to_expose_it()
     assert config["server"]["maxUploadSize"] <= 200
     readme = (ROOT / "README.md").read_text()
     assert "--server.address 0.0.0.0" in readme
+
+
+# --- the app says it in words -------------------------------------------------------------------
+def test_app_shows_a_bad_checkpoint_as_a_message(tmp_path):
+    from lsq.explorer import Settings
+
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    at = AppTest.from_file(str(ROOT / "pages" / "calibrate.py"), default_timeout=60)
+    at.session_state["settings"] = Settings(
+        model=ModelSpec("tf_efficientnet_lite0", "file", str(bad)),
+        data=DataConfig(resolution=32, calib_views=4, eval_views=4),
+    )
+    at.run()
+    [b for b in at.button if b.label.startswith("Calibrate")][0].click().run()
+    import ui
+
+    job = ui.job_manager().latest("calibrate")
+    ui.job_manager().wait(job, 60)
+    at.run()
+    assert not at.exception
+    assert job.status == "failed"
+    messages = " ".join(e.value for e in at.error)
+    assert "model.pth" in messages and "Traceback" not in messages
+
+
+def test_stop_button_ends_training_and_the_run_is_saved_as_stopped(tmp_path, monkeypatch):
+    import ui
+    from lsq.explorer import Settings, calibrate_job, train_job
+
+    monkeypatch.setenv("LSQ_RUNS_DIR", str(tmp_path / "runs"))
+    manager = ui.job_manager()
+    settings = Settings(
+        model=ModelSpec("resnet10t", "random"),
+        data=DataConfig(resolution=32, calib_views=8, eval_views=8, batch_size=8),
+        methods=("lsq+",),
+        device="cpu",
+    )
+    calib = manager.wait(
+        manager.submit(Job("calibrate", "c"), lambda j: calibrate_job(j, settings))
+    )
+    assert calib.status == "done", calib.message
+    tc = TrainConfig(steps=100_000, batch_size=8, compile=False, device="cpu")
+    job = manager.submit(
+        Job("train", "Training lsq+"), lambda j: train_job(j, calib.result, ["lsq+"], tc)
+    )
+    deadline = time.time() + 60
+    while not job.events and time.time() < deadline:
+        time.sleep(0.05)
+    at = AppTest.from_file(str(ROOT / "pages" / "train.py"), default_timeout=60)
+    at.session_state["settings"] = settings
+    at.run()
+    stop = [b for b in at.button if b.label == "Stop"]
+    assert stop, "a running training shows a Stop button"
+    stop[0].click().run()
+    manager.wait(job, 60)
+    assert job.status == "stopped"
+    runs = list_runs(tmp_path / "runs")
+    trained = [r for r in runs if r.meta.get("train")]
+    assert trained and trained[0].status == "stopped"
+
+
+def test_every_catalogue_line_names_tests_that_exist():
+    import re
+
+    text = (ROOT / "tests" / "CATALOGUE.md").read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) >= 21
+    current = None
+    for row in rows:
+        refs = re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)", row)
+        assert refs, row
+        for file, name in refs:
+            current = file or current
+            source = (ROOT / "tests" / current).read_text()
+            assert f"def {name}(" in source, f"{current}::{name} named in CATALOGUE.md is missing"

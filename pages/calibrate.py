@@ -5,6 +5,7 @@ import streamlit as st
 from lsq import plots
 from lsq.explorer import calibrate_job, layer_view
 from lsq.jobs import Job
+from lsq.runs import list_runs
 from ui import job_manager, settings, show_job, submit
 
 st.title("Calibrate and initialise")
@@ -27,6 +28,8 @@ show_job(job, "calibrate")
 if job is None or job.status != "done":
     if job is None:
         st.info("Press Calibrate to record activations and initialise each method's ranges.")
+        if list_runs():
+            st.page_link("pages/runs.py", label="Earlier results are saved: open them on Runs")
     st.stop()
 
 comp = job.result

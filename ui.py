@@ -210,6 +210,15 @@ def _job_progress(job_id: str) -> None:
         st.toast("Stopping after the current step…")
 
 
+def calibration_or_stop(why: str) -> Job:
+    """The last finished calibration job; otherwise say ``why`` one is needed and stop the page."""
+    calib = job_manager().latest("calibrate")
+    if calib is None or calib.status != "done":
+        st.info(f"Calibrate first (Calibrate page){why}.")
+        st.stop()
+    return calib
+
+
 def submit(job: Job, fn) -> Job | None:
     """Submit a job, showing a refusal (another job running) as a message."""
     try:

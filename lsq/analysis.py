@@ -217,9 +217,17 @@ def grid_levels(layer: QuantLayer) -> Tensor:
 
 
 def histogram_frame(stats: ActStats) -> pd.DataFrame:
-    """A layer's input histogram: left edge, right edge and count of each bin."""
+    """A layer's input histogram: left edge, right edge and count of each bin.
+
+    Empty bins at either end are dropped: the recorded range grows by doubling, so it can reach
+    well past the data.
+    """
     edges = stats.hist_edges()
     counts = stats.hist if stats.hist is not None else torch.zeros(len(edges) - 1)
+    nonzero = torch.nonzero(counts).flatten()
+    if len(nonzero):
+        first, last = int(nonzero[0]), int(nonzero[-1])
+        counts, edges = counts[first : last + 1], edges[first : last + 2]
     return pd.DataFrame(
         {"left": edges[:-1].numpy(), "right": edges[1:].numpy(), "count": counts.numpy()}
     )

@@ -21,7 +21,7 @@ from lsq.convert import QuantLayer, float_mode, quant_layers
 from lsq.errors import LSQError
 from lsq.init import init_activation_quantizer
 
-HIST_BINS = 256
+HIST_BINS = 512
 SAMPLE_SIZE = 1 << 20
 
 

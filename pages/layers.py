@@ -5,14 +5,11 @@ import streamlit as st
 from lsq import plots
 from lsq.explorer import layer_view, layers_frame, sensitivity_job
 from lsq.jobs import Job
-from ui import job_manager, show_job, submit
+from ui import calibration_or_stop, job_manager, show_job, submit
 
 st.title("Per-layer error")
 manager = job_manager()
-calib = manager.latest("calibrate")
-if calib is None or calib.status != "done":
-    st.info("Calibrate first (Calibrate page).")
-    st.stop()
+calib = calibration_or_stop("")
 comp = calib.result
 train = manager.latest("train")
 version = (calib.id, train.id if train is not None else None, train.status if train else None)

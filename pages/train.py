@@ -7,14 +7,11 @@ from lsq.errors import LSQError
 from lsq.explorer import events_frames, train_job
 from lsq.jobs import Job
 from lsq.train import TrainConfig
-from ui import job_manager, show_job, submit
+from ui import calibration_or_stop, job_manager, show_job, submit
 
 st.title("Quantization-aware training")
 manager = job_manager()
-calib = manager.latest("calibrate")
-if calib is None or calib.status != "done":
-    st.info("Calibrate first (Calibrate page): training starts from the initialised ranges.")
-    st.stop()
+calib = calibration_or_stop(": training starts from the initialised ranges")
 comp = calib.result
 
 with st.form("train"):

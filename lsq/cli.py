@@ -251,7 +251,7 @@ def cmd_compare(args) -> int:
     wall = time.perf_counter() - t0
     pivot_cols = ["init_agreement", "init_kl"] + (["qat_agreement", "qat_kl"] if steps else [])
     wide = table.pivot(index="method", columns="bits", values=pivot_cols)
-    wide = wide.reindex(index=args.methods)
+    wide = wide.reindex(index=args.methods).reindex(columns=args.bits, level=1)
     print(wide.to_string(float_format=lambda v: f"{v:.3f}"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,19 +61,29 @@ def sidebar() -> Settings | None:
         spec = ModelSpec(arch.strip(), "file", path.strip())
 
     sb.header("Bits")
-    w_bits = sb.select_slider("Weight bits", options=list(range(2, 9)), value=8, key="w_bits")
-    a_bits = sb.select_slider("Activation bits", options=list(range(2, 9)), value=4, key="a_bits")
-    quantize_weights = sb.checkbox("Quantize weights", True, key="qw", help="Off: activations only")
+    bits = list(range(2, 9))
+    w_bits = sb.select_slider(
+        "Weight bits", options=bits, value=_from_url("w", 8, bits), key="w_bits"
+    )
+    a_bits = sb.select_slider(
+        "Activation bits", options=bits, value=_from_url("a", 4, bits), key="a_bits"
+    )
+    quantize_weights = sb.checkbox(
+        "Quantize weights", _from_url("qw", 1, [0, 1]) == 1, key="qw", help="Off: activations only"
+    )
     weight_init = sb.selectbox(
         "Weight init",
         WEIGHT_INIT_CHOICES,
+        index=WEIGHT_INIT_CHOICES.index(_from_url("wi", "auto", WEIGHT_INIT_CHOICES)),
         key="weight_init",
         help="auto: each method's own rule below 6 bits, an MSE search at 6+ bits (the 3-sigma "
         "and LSQ rules clip too hard there). method: always the method's own rule.",
     )
-    baselines = sb.multiselect(
-        "Compare LSQ+ with", BASELINES, default=["lsq", "lsq-signed", "minmax"], key="baselines"
-    )
+    wanted = st.query_params.get("cmp")
+    default = ["lsq", "lsq-signed", "minmax"]
+    if wanted is not None:
+        default = [m for m in wanted.split(",") if m in BASELINES]
+    baselines = sb.multiselect("Compare LSQ+ with", BASELINES, default=default, key="baselines")
 
     sb.header("Data")
     data_src = sb.radio(
@@ -97,17 +107,20 @@ def sidebar() -> Settings | None:
         if not files:
             sb.info("Upload at least two images.")
             return None
+        # One folder per set of images, named by their contents: this session's images only.
+        digest = hashlib.sha256(b"".join(hashlib.sha256(f.getvalue()).digest() for f in files))
         try:
-            paths = [save_upload(f, "images") for f in files]
+            paths = [save_upload(f, f"images/{digest.hexdigest()[:12]}") for f in files]
         except LSQError as e:
             sb.error(str(e))
             return None
         folder = str(paths[0].parent)
+    sizes, counts = [64, 96, 128, 160, 192, 224], [8, 16, 32, 64, 128]
     resolution = sb.select_slider(
-        "Resolution (px)", options=[64, 96, 128, 160, 192, 224], value=224, key="res"
+        "Resolution (px)", options=sizes, value=_from_url("res", 224, sizes), key="res"
     )
     views = sb.select_slider(
-        "Views (calibration and evaluation)", [8, 16, 32, 64, 128], 32, key="views"
+        "Views (calibration and evaluation)", counts, _from_url("views", 32, counts), key="views"
     )
 
     sb.header("Device")
@@ -123,7 +136,7 @@ def sidebar() -> Settings | None:
             calib_views=views,
             eval_views=views,
         )
-        return Settings(
+        settings = Settings(
             model=spec,
             data=data,
             w_bits=w_bits,
@@ -133,9 +146,32 @@ def sidebar() -> Settings | None:
             quantize_weights=quantize_weights,
             device=device,
         )
+        # The choices live in the URL too, so a browser refresh keeps them.
+        st.query_params.update(
+            w=str(w_bits),
+            a=str(a_bits),
+            qw=str(int(quantize_weights)),
+            wi=weight_init,
+            cmp=",".join(baselines),
+            res=str(resolution),
+            views=str(views),
+        )
+        return settings
     except LSQError as e:
         sb.error(str(e))
         return None
+
+
+def _from_url(name: str, default, options):
+    """A choice from the URL's query string if it is one of ``options``, else ``default``."""
+    raw = st.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = type(default)(raw)
+    except ValueError:
+        return default
+    return value if value in options else default
 
 
 @st.cache_resource

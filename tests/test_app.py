@@ -61,6 +61,30 @@ def test_sidebar_builds_settings_from_its_widgets():
     assert s.config("lsq+").weight_init == "3sigma"  # auto: the method's own rule below 6 bits
 
 
+def test_sidebar_choices_survive_a_refresh_through_the_url():
+    at = AppTest.from_string(SIDEBAR, default_timeout=60)
+    at.run()
+    at.sidebar.select_slider(key="a_bits").set_value(3)
+    at.sidebar.multiselect(key="baselines").set_value(["minmax"])
+    at.run()
+    url = dict(at.query_params)
+    fresh = AppTest.from_string(SIDEBAR, default_timeout=60)  # a refresh: same URL, new session
+    for key, value in url.items():
+        fresh.query_params[key] = value
+    fresh.run()
+    s = fresh.session_state["settings"]
+    assert (s.a_bits, s.methods) == (3, ("lsq+", "minmax"))
+
+
+@pytest.mark.parametrize("key, value", [("w", "99"), ("a", "four"), ("res", "-1"), ("wi", "x")])
+def test_nonsense_in_the_url_falls_back_to_defaults(key, value):
+    at = AppTest.from_string(SIDEBAR, default_timeout=60)
+    at.query_params[key] = value
+    at.run()
+    assert not at.exception
+    assert at.session_state["settings"] == Settings()
+
+
 def test_sidebar_reports_bad_input_in_words():
     at = AppTest.from_string(SIDEBAR, default_timeout=60)
     at.run()

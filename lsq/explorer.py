@@ -185,13 +185,12 @@ def train_job(job: Job, comp: Comparison, methods: list[str], train_cfg: TrainCo
 
 def events_frames(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A training job's events so far: metrics and quantizer trajectories, long, with method."""
-    by_method: dict[str, MethodResult] = {}
+    by_method: dict[str, list] = {}
     for method, e in list(job.events):
-        holder = by_method.setdefault(method, MethodResult(None, None, [], {}))  # type: ignore[arg-type]
-        holder.history.append(e)
+        by_method.setdefault(method, []).append(e)
     metrics, traj = [], []
-    for method, holder in by_method.items():
-        m, t = history_frames(holder)
+    for method, events in by_method.items():
+        m, t = history_frames(events)
         m.insert(0, "method", method)
         t.insert(0, "method", method)
         metrics.append(m)

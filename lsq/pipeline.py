@@ -222,10 +222,10 @@ def train_method(
     return result
 
 
-def history_frames(result: MethodResult) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-step metrics and per-step quantizer trajectories (long format) of a training run."""
+def history_frames(events: list[TrainEvent]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-step metrics and per-step quantizer trajectories (long format) of training events."""
     metrics, traj = [], []
-    for e in result.history:
+    for e in events:
         if e.kind not in ("step", "eval"):
             continue
         metrics.append(
@@ -268,7 +268,7 @@ def start_run(
 def write_progress(run, result: MethodResult) -> None:
     """Save the training history so far (atomically), e.g. every few steps."""
     if result.history:
-        metrics, traj = history_frames(result)
+        metrics, traj = history_frames(result.history)
         run.write_table("metrics", metrics)
         run.write_table("trajectories", traj)
 

@@ -105,8 +105,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--lr-act",
         type=_float,
-        default=1e-3,
-        help="learning rate of activation scales/offsets (1e-3)",
+        default=3e-4,
+        help="learning rate of activation scales/offsets (3e-4)",
     )
     t.add_argument(
         "--lr-wq", type=_float, default=1e-5, help="learning rate of weight scales (1e-5)"

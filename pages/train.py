@@ -22,7 +22,7 @@ with st.form("train"):
     batch = c2.number_input("Batch size", min_value=1, max_value=256, value=16)
     lr_w = c3.number_input("LR weights", min_value=0.0, max_value=10.0, value=1e-5, format="%.1e")
     lr_a = c3.number_input(
-        "LR activation scale/offset", min_value=0.0, max_value=10.0, value=1e-3, format="%.1e"
+        "LR activation scale/offset", min_value=0.0, max_value=10.0, value=3e-4, format="%.1e"
     )
     lr_wq = c3.number_input(
         "LR weight scales", min_value=0.0, max_value=10.0, value=1e-5, format="%.1e"

@@ -253,7 +253,12 @@ def cmd_compare(args) -> int:
     wide = table.pivot(index="method", columns="bits", values=pivot_cols)
     wide = wide.reindex(index=args.methods).reindex(columns=args.bits, level=1)
     print(wide.to_string(float_format=lambda v: f"{v:.3f}"))
-    out = Path(args.out)
+    if args.out:
+        out = Path(args.out)
+    else:
+        from lsq.runs import runs_root
+
+        out = runs_root(args.runs_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     print(f"\nsaved {out}  (wall time {wall:.0f} s, {len(bench.eval)} evaluation views)")
@@ -322,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[8, 4, 3, 2],
         help="comma-separated W=A bits (default 8,4,3,2)",
     )
-    c.add_argument("--out", default="compare.csv", help="CSV to write (default compare.csv)")
+    c.add_argument("--out", default=None, help="CSV to write (default: runs/compare-<time>.csv)")
     _add_common(c)
     c.set_defaults(func=cmd_compare)
     ls = sub.add_parser("runs", help="list saved runs")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lsq.config import QuantConfig
-from lsq.convert import QuantLayer, float_mode, quant_layers
+from lsq.convert import float_mode, quant_layers
 from lsq.errors import LSQError
 from lsq.init import init_activation_quantizer
 
@@ -211,10 +211,3 @@ def calibrate(
     """collect_stats then init_from_stats: the one call for a single method."""
     stats = collect_stats(model, batches, sample_size=sample_size, seed=seed)
     return stats, init_from_stats(model, stats, config)
-
-
-def layer_of(model: nn.Module, name: str) -> QuantLayer:
-    layers = quant_layers(model)
-    if name not in layers:
-        raise LSQError(f"no quantized layer named {name!r}")
-    return layers[name]

@@ -297,17 +297,15 @@ def compare(
     bits: list[int],
     train_cfg: TrainConfig | None = None,
     progress: Progress = _noop,
-    make=None,
 ) -> pd.DataFrame:
     """Each method at each bit-width (W=A=bits): agreement and KL after init, and after QAT."""
     from lsq.config import make_config
 
-    make = make or make_config
     rows = []
     total = len(methods) * len(bits)
     for i, (method, b) in enumerate((m, b) for m in methods for b in bits):
         progress("comparing", i, total)
-        cfg = make(method, b, b)
+        cfg = make_config(method, b, b)
         res = init_method(bench, cfg, progress)
         row = {
             "method": method,

@@ -417,11 +417,15 @@ def histogram_figure(
             below, above = clipped_mass(data, lo, hi)
             bx: list = []
             by: list = []
-            if math.isfinite(lo) and lo > x_min:
-                bx += [x_min, lo, lo, x_min, x_min, None]
+            # Shade only where there is data to clip, so ranges wider than the data stay clear.
+            d_lo, d_hi = float(data["left"].min()), float(data["right"].max())
+            if math.isfinite(lo) and lo > d_lo:
+                edge = min(lo, d_hi)
+                bx += [d_lo, edge, edge, d_lo, d_lo, None]
                 by += [y_bot, y_bot, y_top, y_top, y_bot, None]
-            if math.isfinite(hi) and hi < x_max:
-                bx += [hi, x_max, x_max, hi, hi, None]
+            if math.isfinite(hi) and hi < d_hi:
+                edge = max(hi, d_lo)
+                bx += [edge, d_hi, d_hi, edge, edge, None]
                 by += [y_bot, y_bot, y_top, y_top, y_bot, None]
             if bx:
                 fig.add_trace(

@@ -327,3 +327,16 @@ def test_compare_figure_nan_inf_and_empty():
     assert is_empty(compare_figure(pd.DataFrame()))
     assert is_empty(compare_figure(df, metric="qat_kl"))
     assert is_empty(compare_figure(df.assign(init_kl=math.nan)))
+
+
+def test_histogram_shades_only_clipped_data_not_empty_axis():
+    hist = hist_frame()  # data on [-2, 6]
+    grids = {
+        "wide": {"levels": np.linspace(-10.0, 20.0, 16), "lo": -10.0, "hi": 20.0},
+        "narrow": {"levels": np.linspace(0.0, 2.0, 16), "lo": 0.0, "hi": 2.0},
+    }
+    fig = histogram_figure(hist, grids)
+    bands = [t for t in fig.data if (t.name or "").startswith("clipped by")]
+    assert [t.name.split(":")[0] for t in bands] == ["clipped by narrow"]
+    xs = [x for x in bands[0].x if x is not None]
+    assert min(xs) >= -2.0 and max(xs) <= 6.0

@@ -47,17 +47,20 @@ def quant_mse(
         return err.flatten(1).mean(1)
 
 
-def _per_channel(w: Tensor) -> Tensor:
-    return w.detach().flatten(1) if w.dim() > 1 else w.detach().reshape(-1, 1)
+def _rows(w: Tensor, per_channel: bool) -> Tensor:
+    """``w`` as [channels, elements] when per-channel, else as one row [1, all elements]."""
+    w = w.detach()
+    if not per_channel:
+        return w.reshape(1, -1)
+    return w.flatten(1) if w.dim() > 1 else w.reshape(-1, 1)
 
 
 # --- closed forms -------------------------------------------------------------------------------
 def lsq_init(x: Tensor, qmin: int, qmax: int, per_channel: bool = False) -> InitResult:
     """LSQ: s = 2 mean(|x|) / sqrt(qmax), per output channel when ``per_channel``."""
-    xs = _per_channel(x) if per_channel else x.detach().reshape(1, -1)
+    xs = _rows(x, per_channel)
     scale = 2 * xs.abs().mean(1) / math.sqrt(qmax)
     scale = scale.clamp_min(SCALE_FLOOR)
-    scale = scale if per_channel else scale.reshape(())
     return _result(x, scale, None, qmin, qmax, per_channel)
 
 
@@ -67,21 +70,19 @@ def lsq_plus_weight_init(w: Tensor, bits: int, per_channel: bool = True) -> Init
     The divisor 2^(b-1) follows the paper (public code also uses 2^b - 1 or 2^b). mu and sd are
     over the layer (per output channel when ``per_channel``); sd is the population deviation.
     """
-    ws = _per_channel(w) if per_channel else w.detach().reshape(1, -1)
+    ws = _rows(w, per_channel)
     mu = ws.mean(1)
     sd = ws.std(1, correction=0)
     scale = torch.maximum((mu - 3 * sd).abs(), (mu + 3 * sd).abs()) / 2 ** (bits - 1)
     scale = scale.clamp_min(SCALE_FLOOR)
-    scale = scale if per_channel else scale.reshape(())
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return _result(w, scale, None, qmin, qmax, per_channel)
 
 
 def maxabs_init(w: Tensor, qmin: int, qmax: int, per_channel: bool = True) -> InitResult:
     """Symmetric min/max: s = max|w| / qmax, so nothing is clipped above (8-bit weights)."""
-    ws = _per_channel(w) if per_channel else w.detach().reshape(1, -1)
+    ws = _rows(w, per_channel)
     scale = (ws.abs().amax(1) / qmax).clamp_min(SCALE_FLOOR)
-    scale = scale if per_channel else scale.reshape(())
     return _result(w, scale, None, qmin, qmax, per_channel)
 
 
@@ -116,6 +117,8 @@ def _result(
     x: Tensor, scale: Tensor, offset: Tensor | None, qmin: int, qmax: int, per_channel: bool
 ) -> InitResult:
     x = x.detach()
+    if not per_channel:
+        scale = scale.reshape(())  # a per-tensor search over one row returns shape [1]
     mse = quant_mse(x, scale, offset, qmin, qmax, dim=0 if per_channel else None)
     return InitResult(scale.float(), None if offset is None else offset.float(), float(mse.mean()))
 
@@ -274,7 +277,7 @@ def mse_weight_init(
 
     Tries scales t * max|w| / qmax for t on a grid in (0, 1], then zooms in once, per channel.
     """
-    ws = _per_channel(w).float() if per_channel else w.detach().float().reshape(1, -1)
+    ws = _rows(w, per_channel).float()
     s_max = (ws.abs().amax(1) / qmax).clamp_min(SCALE_FLOOR)
 
     def errors(t: Tensor) -> Tensor:  # t: [C, T] -> err [C, T]
@@ -292,7 +295,6 @@ def mse_weight_init(
     err = errors(t)
     best_t = t.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
     scale = (best_t * s_max).clamp_min(SCALE_FLOOR)
-    scale = scale if per_channel else scale.reshape(())
     return _result(w, scale, None, qmin, qmax, per_channel)
 
 

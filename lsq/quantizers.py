@@ -39,15 +39,19 @@ def int_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def _normalized(x: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+    """v = (x - offset) / scale in a fresh buffer; forward and backward must compute it alike."""
+    if offset is None:
+        return x / scale
+    v = x - offset
+    return v.div_(scale)
+
+
 def _forward_kernel(
     x: Tensor, scale: Tensor, offset: Tensor | None, qmin: int, qmax: int
 ) -> Tensor:
     """round(clamp((x - offset) / scale, qmin, qmax)) * scale + offset, in one buffer."""
-    if offset is None:
-        v = x / scale
-    else:
-        v = x - offset
-        v.div_(scale)
+    v = _normalized(x, scale, offset)
     v.clamp_(qmin, qmax).round_().mul_(scale)
     if offset is not None:
         v.add_(offset)
@@ -58,11 +62,7 @@ def _backward_kernel(
     g: Tensor, x: Tensor, scale: Tensor, offset: Tensor | None, qmin: int, qmax: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of x, scale and offset (before LSQ's gradient scaling), recomputed from x."""
-    if offset is None:
-        v = x / scale
-    else:
-        v = x - offset
-        v.div_(scale)
+    v = _normalized(x, scale, offset)
     inside = (v > qmin) & (v < qmax)
     q = v.clamp(qmin, qmax).round_()
     # d x_hat / d scale: round(v) - v inside; outside, the bound, which q equals there.

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lsq.calibrate import ActStats
 from lsq.convert import QuantLayer, float_mode, quant_layers, quantizers
-from lsq.train import distillation_loss
+from lsq.train import distillation_loss, logits
 
 GROUPS = ("stem", "depthwise", "expansion", "projection", "conv", "head", "classifier")
 
@@ -32,15 +32,6 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
 
 
 @torch.no_grad()
-def logits(model: nn.Module, views: Tensor, batch: int = 32) -> Tensor:
-    device = next(model.parameters()).device
-    model.eval()
-    return torch.cat(
-        [model(views[i : i + batch].to(device)).float().cpu() for i in range(0, len(views), batch)]
-    )
-
-
-@torch.no_grad()
 def model_metrics(
     model: nn.Module, views: Tensor, teacher_logits: Tensor, labels: Tensor | None = None
 ) -> dict[str, float]:
@@ -49,7 +40,7 @@ def model_metrics(
     ``confident_agreement`` counts only views where the float model's top probability is >= 0.5:
     on unsure views a tiny change flips the top-1, so agreement there is mostly noise.
     """
-    out = logits(model, views)
+    out = logits(model, views).cpu()
     t = teacher_logits.float().cpu()
     agree = out.argmax(-1) == t.argmax(-1)
     confident = t.softmax(-1).amax(-1) >= 0.5

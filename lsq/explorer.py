@@ -11,7 +11,6 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
-import torch
 
 from lsq.analysis import grid_levels, histogram_frame, layer_table, sensitivity
 from lsq.config import METHODS, QuantConfig, make_config
@@ -233,9 +232,7 @@ def sensitivity_job(job: Job, comp: Comparison, method: str, views: int = 16) ->
     job.progress(f"sensitivity of {method}", 0, 1)
     bench = comp.bench
     v = bench.eval[:views]
-    with torch.no_grad():
-        t = bench.teacher_eval[:views]
-    df = sensitivity(comp.results[method].model, v, t, by="group")
+    df = sensitivity(comp.results[method].model, v, bench.teacher_eval[:views], by="group")
     df.insert(0, "method", method)
     job.progress("done", 1, 1)
     return df

@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from lsq.analysis import layer_table, logits, model_metrics
+from lsq.analysis import layer_table, model_metrics
 from lsq.calibrate import ActStats, LayerInit, collect_stats, init_from_stats
 from lsq.config import QuantConfig
 from lsq.convert import quantize_model
 from lsq.errors import LSQError
-from lsq.train import TrainConfig, TrainEvent, resolve_device, train
+from lsq.train import TrainConfig, TrainEvent, logits, resolve_device, train
 
 #: progress(stage, done, total)
 Progress = Callable[[str, int, int], None]
@@ -83,9 +83,10 @@ class Workbench:
     data_config: dict
     calib: Tensor
     eval: Tensor
-    teacher_eval: Tensor  # float model's logits on the evaluation views
+    teacher_eval: Tensor  # float model's logits on the evaluation views (CPU)
     device: torch.device
     stats: dict[str, ActStats] | None = None
+    teacher_calib: Tensor | None = None  # ... on the calibration/training views, once needed
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -136,7 +137,7 @@ def prepare(
         device=dev,
     )
     progress("float model on evaluation views", 0, 1)
-    bench.teacher_eval = logits(model, evals, batch=data.batch_size)
+    bench.teacher_eval = logits(model, evals, batch=data.batch_size).cpu()
     bench.seconds["prepare"] = time.perf_counter() - t0
     return bench
 
@@ -208,8 +209,16 @@ def train_method(
 ) -> MethodResult:
     """Short QAT of an initialised method; fills ``history``, ``metrics_final`` and ``status``."""
     t0 = time.perf_counter()
+    if bench.teacher_calib is None:  # shared by every method trained on this bench
+        bench.teacher_calib = logits(bench.model, bench.calib, batch=bench.data.batch_size).cpu()
     for event in train(
-        result.model, bench.model, bench.calib, bench.eval, train_cfg, should_stop=should_stop
+        result.model,
+        bench.model,
+        bench.calib,
+        bench.eval,
+        train_cfg,
+        should_stop=should_stop,
+        teacher_logits=(bench.teacher_calib, bench.teacher_eval),
     ):
         result.history.append(event)
         if on_event is not None:

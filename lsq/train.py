@@ -135,17 +135,21 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def logits(model: nn.Module, views: Tensor, batch: int = 32) -> Tensor:
+    """The model's logits (fp32) on ``views``, in batches, on the model's device, in eval mode."""
+    device = next(model.parameters()).device
+    model.eval()
+    return torch.cat(
+        [model(views[i : i + batch].to(device)).float() for i in range(0, len(views), batch)]
+    )
+
+
+@torch.no_grad()
 def agreement_and_kl(model: nn.Module, views: Tensor, teacher_logits: Tensor, batch: int = 32):
     """Top-1 agreement with the teacher and mean KL(teacher || model) on ``views``."""
-    device = next(model.parameters()).device
-    agree, kl = 0.0, 0.0
-    for i in range(0, views.shape[0], batch):
-        logits = model(views[i : i + batch].to(device)).float()
-        t = teacher_logits[i : i + batch].to(device)
-        agree += float((logits.argmax(-1) == t.argmax(-1)).sum())
-        kl += float(distillation_loss(logits, t)) * logits.shape[0]
-    n = views.shape[0]
-    return agree / n, kl / n
+    out = logits(model, views, batch)
+    t = teacher_logits.to(out.device)
+    return float((out.argmax(-1) == t.argmax(-1)).float().mean()), float(distillation_loss(out, t))
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -178,13 +182,15 @@ def train(
     cfg: TrainConfig,
     labels: Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
+    teacher_logits: tuple[Tensor, Tensor] | None = None,
 ) -> Iterator[TrainEvent]:
     """Run QAT on ``model`` (quantized and calibrated), yielding an event per step.
 
     ``teacher`` is the float model: the distillation target (``cfg.loss == "kd"``) and the
     reference for agreement; ``labels`` give class indices of ``train_views`` for cross-entropy.
     A non-finite loss restores the state before the last update and ends with an ``error``
-    event; ``should_stop`` returning True ends with ``stopped``.
+    event; ``should_stop`` returning True ends with ``stopped``. ``teacher_logits`` (on
+    ``train_views``, on ``eval_views``) skips recomputing them when the caller has them.
     """
     if train_views.shape[0] == 0 or eval_views.shape[0] == 0:
         raise LSQError("training needs at least one training view and one evaluation view")
@@ -197,9 +203,10 @@ def train(
     model.to(device).eval()
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    with torch.no_grad():
-        teacher_eval = _logits(teacher, eval_views, device)
-        teacher_train = _logits(teacher, train_views, device)
+    if teacher_logits is None:
+        teacher.to(device)
+        teacher_logits = (logits(teacher, train_views), logits(teacher, eval_views))
+    teacher_train, teacher_eval = (t.to(device) for t in teacher_logits)
 
     kernels = set_kernels(model, "compiled" if cfg.compile else "eager")
     groups = _param_groups(model, cfg)
@@ -239,11 +246,11 @@ def train(
         idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
         x = train_views[idx].to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(x)
+            out = model(x)
         if cfg.loss == "kd":
-            loss = distillation_loss(logits, teacher_train[idx].to(device))
+            loss = distillation_loss(out, teacher_train[idx].to(device))
         else:
-            loss = F.cross_entropy(logits.float(), labels[idx].to(device))
+            loss = F.cross_entropy(out.float(), labels[idx].to(device))
         if not torch.isfinite(loss.detach()):
             if good_state is not None:
                 model.load_state_dict(good_state)
@@ -288,11 +295,4 @@ def train(
         yield event
     yield TrainEvent(
         "done", cfg.steps, cfg.steps, seconds=time.perf_counter() - start, message="finished"
-    )
-
-
-def _logits(model: nn.Module, views: Tensor, device: torch.device, batch: int = 32) -> Tensor:
-    model.to(device).eval()
-    return torch.cat(
-        [model(views[i : i + batch].to(device)).float() for i in range(0, len(views), batch)]
     )

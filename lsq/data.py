@@ -11,6 +11,7 @@ import io
 import math
 import os
 import re
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -303,27 +304,34 @@ def labels_for_views(labels: Sequence[int], n_views: int) -> list[int]:
     return [int(labels[i % len(labels)]) for i in range(n_views)]
 
 
-def _check_views_args(
-    images: Sequence[Image.Image], n_views: int, resolution: int, data_config: dict
-) -> None:
+def _whole(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    """``value`` if it is a whole number in [lo, hi], else an LSQError naming ``name``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
+        bounds = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+        raise LSQError(f"{name} must be a whole number {bounds}, not {value!r}.")
+    return value
+
+
+def _rgb_images(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The images as RGB (converted once), or an LSQError saying which item is not an image."""
+    if isinstance(images, Image.Image | str | bytes) or not isinstance(images, Sequence):
+        raise LSQError(f"Give a list of PIL images, not a {type(images).__name__}.")
     if not images:
-        raise LSQError("No images to make views from.")
+        raise LSQError("No images to make views from: the list is empty.")
     bad = [i for i, im in enumerate(images) if not isinstance(im, Image.Image)]
     if bad:
         raise LSQError(f"Item {bad[0]} is a {type(images[bad[0]]).__name__}, not a PIL image.")
-    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
-        raise LSQError(
-            f"The number of views must be a whole number of at least 1, not {n_views!r}."
-        )
-    if (
-        isinstance(resolution, bool)
-        or not isinstance(resolution, int)
-        or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION
-    ):
-        raise LSQError(
-            f"The resolution must be a whole number of pixels from {MIN_RESOLUTION} to "
-            f"{MAX_RESOLUTION}, not {resolution!r}."
-        )
+    return [im if im.mode == "RGB" else _to_rgb(im) for im in images]
+
+
+def _check_data_config(data_config: dict) -> None:
+    if not isinstance(data_config, dict):
+        raise LSQError(f"data_config must be a dict (timm's data config), not {data_config!r}.")
     for key in ("mean", "std"):
         value = data_config.get(key)
         if value is None or len(value) != 3:
@@ -338,28 +346,54 @@ def _check_views_args(
         )
 
 
-def _crop_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
-    """A random crop (top, left, h, w) covering 25-100 % of the area at aspect ratio 3/4-4/3."""
-    area = width * height
-    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
-    for _ in range(10):
-        target = area * rng.uniform(0.25, 1.0)
-        ratio = math.exp(rng.uniform(log_lo, log_hi))
-        w = round(math.sqrt(target * ratio))
-        h = round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    # Rare fallback for extreme aspect ratios: the largest central crop within the ratio range.
-    ratio = width / height
-    if ratio < 3 / 4:
-        w, h = width, round(width / (3 / 4))
-    elif ratio > 4 / 3:
-        w, h = round(height * (4 / 3)), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def _check_resolution(resolution: int) -> int:
+    return _whole("The resolution (pixels)", resolution, MIN_RESOLUTION, MAX_RESOLUTION)
+
+
+# Training crops: 25-100 % of the image's area at an aspect ratio of 3/4 to 4/3, flipped
+# horizontally half of the time. torchvision draws them from torch's global generator (its
+# transforms take no generator), so the draw runs inside fork_rng on a seeded copy of that state:
+# the caller's global RNG is restored afterwards. The lock keeps two threads making views from
+# seeding each other; a thread that draws from torch's global CPU generator at the same moment
+# without going through here is not covered.
+CROP_SCALE = (0.25, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """A well-mixed 64-bit seed for one (seed, step) pair: neighbouring pairs share nothing."""
+    return int(np.random.SeedSequence((seed, step)).generate_state(1, np.uint64)[0])
+
+
+def _random_crops(
+    images: Sequence[Image.Image], resolution: int, interpolation: str, seed: int
+) -> list[Image.Image]:
+    """One random resized crop (with a random flip) of each image, a function of ``seed`` only."""
+    from torchvision.transforms import v2
+
+    augment = v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                (resolution, resolution),
+                scale=CROP_SCALE,
+                ratio=CROP_RATIO,
+                interpolation=v2.InterpolationMode(interpolation),
+            ),
+            v2.RandomHorizontalFlip(p=0.5),
+        ]
+    )
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [augment(im) for im in images]
+
+
+def _normalise(views: Sequence[Image.Image], data_config: dict) -> torch.Tensor:
+    """RGB images of one size -> float32 [n, 3, h, w], scaled to [0, 1] and normalised."""
+    mean = torch.tensor([float(m) for m in data_config["mean"]]).view(1, 3, 1, 1)
+    std = torch.tensor([float(s) for s in data_config["std"]]).view(1, 3, 1, 1)
+    pixels = torch.from_numpy(np.stack([np.asarray(v) for v in views]))  # [n, h, w, 3] uint8
+    return ((pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()
 
 
 def make_views(
@@ -373,43 +407,150 @@ def make_views(
     """A float32 batch [n_views, 3, resolution, resolution] normalised with data_config's mean/std.
 
     View i comes from image i % len(images). With ``augment`` each view is a random resized crop
-    (25-100 % of the area, aspect 3/4-4/3) with a random horizontal flip, drawn from a private
-    generator seeded with ``seed`` (the global RNGs are untouched), so a few photos give many
-    different calibration inputs and the same seed always gives the same tensor. Without it each
-    view is timm's evaluation transform (resize, centre crop) at this resolution.
+    (25-100 % of the area, aspect 3/4-4/3) with a random horizontal flip, seeded with ``seed``
+    (the global RNGs are left as they were), so a few photos give many different calibration
+    inputs and the same seed always gives the same tensor; it is ``FreshViews(...).batch(0, n)``.
+    Without it each view is timm's evaluation transform (resize, centre crop) at this resolution.
     """
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    _check_views_args(images, n_views, resolution, data_config)
-    rgb = [im if im.mode == "RGB" else _to_rgb(im) for im in images]
-    mean = torch.tensor([float(m) for m in data_config["mean"]]).view(3, 1, 1)
-    std = torch.tensor([float(s) for s in data_config["std"]]).view(3, 1, 1)
-
     if not augment:
-        import timm.data
+        return _eval_views(images, n_views, resolution, data_config)
+    return FreshViews(images, resolution, data_config, seed).batch(0, n_views)
 
-        cfg = {k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config}
-        cfg.update(
-            input_size=(3, resolution, resolution),
-            mean=tuple(float(m) for m in data_config["mean"]),
-            std=tuple(float(s) for s in data_config["std"]),
-        )
-        transform = timm.data.create_transform(**cfg, is_training=False)
-        distinct = [transform(im).float() for im in rgb[: min(len(rgb), n_views)]]
-        return torch.stack([distinct[i % len(distinct)] for i in range(n_views)]).contiguous()
 
-    interpolation = InterpolationMode(data_config.get("interpolation", "bicubic"))
-    rng = np.random.default_rng(seed)
-    views = torch.empty(n_views, 3, resolution, resolution, dtype=torch.float32)
-    for i in range(n_views):
-        img = rgb[i % len(rgb)]
-        top, left, h, w = _crop_box(rng, *img.size)
-        flip = bool(rng.random() < 0.5)
-        view = TF.resized_crop(
-            img, top, left, h, w, [resolution, resolution], interpolation=interpolation
+def _eval_views(
+    images: Sequence[Image.Image], n_views: int, resolution: int, data_config: dict
+) -> torch.Tensor:
+    import timm.data
+
+    rgb = _rgb_images(images)
+    _whole("The number of views", n_views, 1)
+    _check_resolution(resolution)
+    _check_data_config(data_config)
+    cfg = {k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config}
+    cfg.update(
+        input_size=(3, resolution, resolution),
+        mean=tuple(float(m) for m in data_config["mean"]),
+        std=tuple(float(s) for s in data_config["std"]),
+    )
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    distinct = [transform(im).float() for im in rgb[: min(len(rgb), n_views)]]
+    return torch.stack([distinct[i % len(distinct)] for i in range(n_views)]).contiguous()
+
+
+class FreshViews:
+    """New random crops of a few images at every training step, reproducible from (seed, step).
+
+    ``batch(step, n)`` gives n views, view i showing image (step * n + i) % len(images) (so every
+    image is seen equally often) as a random resized crop with a random flip, normalised like
+    ``make_views``. The same seed and step always give the same tensor, different steps give
+    different crops, and the global RNGs are left as they were.
+    """
+
+    def __init__(
+        self, images: Sequence[Image.Image], resolution: int, data_config: dict, seed: int = 0
+    ) -> None:
+        self.images = _rgb_images(images)
+        self.resolution = _check_resolution(resolution)
+        _check_data_config(data_config)
+        self.data_config = dict(data_config)
+        self.seed = _whole("The seed", seed, 0)
+        self._interpolation = str(data_config.get("interpolation", "bicubic"))
+
+    def indices(self, step: int, n: int) -> list[int]:
+        """Which image each of the n views of ``step`` shows (to look up labels)."""
+        _whole("The step", step, 0)
+        _whole("The number of views", n, 1)
+        return [(step * n + i) % len(self.images) for i in range(n)]
+
+    def batch(self, step: int, n: int) -> torch.Tensor:
+        """float32 [n, 3, resolution, resolution]: the views of training step ``step``."""
+        chosen = [self.images[i] for i in self.indices(step, n)]
+        crops = _random_crops(
+            chosen, self.resolution, self._interpolation, _step_seed(self.seed, step)
         )
-        if flip:
-            view = TF.hflip(view)
-        views[i] = (TF.pil_to_tensor(view).float() / 255.0 - mean) / std
-    return views
+        return _normalise(crops, self.data_config)
+
+
+class TensorViews:
+    """``batch(step, n)`` over views already made (e.g. synthetic images): random picks and flips.
+
+    Each step draws n indices (with replacement) and flips each pick horizontally with
+    probability 1/2, from a private generator seeded with (seed, step): reproducible, and the
+    global RNGs are untouched.
+    """
+
+    def __init__(self, views: torch.Tensor, seed: int = 0) -> None:
+        if not isinstance(views, torch.Tensor) or views.dim() != 4 or views.shape[1] != 3:
+            shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
+            raise LSQError(f"views must be a tensor [n, 3, height, width], got {shape}.")
+        if views.shape[0] == 0:
+            raise LSQError("views holds no views (its first dimension is 0).")
+        if not views.is_floating_point():
+            raise LSQError(f"views must be floating point (normalised images), not {views.dtype}.")
+        self.views = views.detach()
+        self.resolution = int(views.shape[-1])
+        self.seed = _whole("The seed", seed, 0)
+
+    def batch(self, step: int, n: int) -> torch.Tensor:
+        """float32 [n, 3, height, width]: n random picks for step ``step``, about half flipped."""
+        _whole("The step", step, 0)
+        _whole("The number of views", n, 1)
+        gen = torch.Generator().manual_seed(_step_seed(self.seed, step))
+        picks = torch.randint(0, self.views.shape[0], (n,), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5
+        out = self.views[picks.to(self.views.device)].float()
+        out[flips] = out[flips].flip(-1)
+        return out.contiguous()
+
+
+class MixedViews:
+    """Several view sources (FreshViews, TensorViews, ...) drawn from in proportion to weights.
+
+    Step ``step`` asks every source for its share of n (largest-remainder rounding of
+    n * weight / sum(weights), so the shares always add up to n and are the same on every call)
+    at that same step and concatenates them in the order of ``sources``.
+    """
+
+    def __init__(self, sources: Sequence, weights: Sequence[float]) -> None:
+        if not sources:
+            raise LSQError("MixedViews needs at least one source of views.")
+        bad = [i for i, s in enumerate(sources) if not callable(getattr(s, "batch", None))]
+        if bad:
+            raise LSQError(
+                f"Source {bad[0]} is a {type(sources[bad[0]]).__name__}, which has no "
+                "batch(step, n); use FreshViews or TensorViews."
+            )
+        if len(weights) != len(sources):
+            raise LSQError(
+                f"{len(sources)} sources need {len(sources)} weights, got {len(weights)}."
+            )
+        w = [float(x) for x in weights]
+        if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+            raise LSQError(
+                f"Weights must be non-negative with a positive sum, got {list(weights)!r}."
+            )
+        sizes = {getattr(s, "resolution", None) for s in sources} - {None}
+        if len(sizes) > 1:
+            raise LSQError(
+                f"The sources make views of different sizes ({sorted(sizes)} pixels); "
+                "make them at one resolution."
+            )
+        self.sources = list(sources)
+        self.weights = w
+
+    def shares(self, n: int) -> list[int]:
+        """How many of n views each source gives (they add up to n)."""
+        _whole("The number of views", n, 1)
+        exact = [n * x / sum(self.weights) for x in self.weights]
+        counts = [math.floor(e) for e in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+        for i in by_remainder[: n - sum(counts)]:
+            counts[i] += 1
+        return counts
+
+    def batch(self, step: int, n: int) -> torch.Tensor:
+        """float32 [n, 3, h, w]: each source's share of step ``step``'s views, concatenated."""
+        parts = [
+            s.batch(step, k) for s, k in zip(self.sources, self.shares(n), strict=True) if k > 0
+        ]
+        return torch.cat(parts)

@@ -12,6 +12,9 @@ from PIL import Image
 from lsq.data import (
     CALIBRATION_IMAGES,
     EVALUATION_IMAGES,
+    FreshViews,
+    MixedViews,
+    TensorViews,
     bundled_images,
     folder_images,
     labels_for_views,
@@ -269,3 +272,178 @@ def test_labels_for_views():
     assert labels_for_views([3, 7], 5) == [3, 7, 3, 7, 3]
     with pytest.raises(LSQError):
         labels_for_views([], 2)
+
+
+# --- views drawn afresh every step ---------------------------------------------------------------
+
+
+def ramp(size=256):
+    """A grey image whose brightness rises from 0 (left) to 255 (right)."""
+    row = np.linspace(0, 255, size).round().astype(np.uint8)
+    return Image.fromarray(np.repeat(np.tile(row, (size, 1))[:, :, None], 3, axis=2))
+
+
+def pixels(views):
+    """Views normalised with CONFIG (mean = std = 0.5) back to [0, 1]."""
+    return views * 0.5 + 0.5
+
+
+def test_fresh_views_differ_between_steps_and_repeat_per_seed(photos):
+    fresh = FreshViews(photos, 32, CONFIG, seed=7)
+    a, b = fresh.batch(0, 6), fresh.batch(1, 6)
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
+    assert all(not torch.equal(a[i], b[i]) for i in range(6))  # every view is a new crop
+    assert torch.equal(b, FreshViews(photos, 32, CONFIG, seed=7).batch(1, 6))
+    assert not torch.equal(b, FreshViews(photos, 32, CONFIG, seed=8).batch(1, 6))
+    assert torch.equal(a, make_views(photos, 6, 32, CONFIG, seed=7))  # one crop code path
+
+
+def test_fresh_views_cycle_through_the_images_evenly(photos):
+    fresh = FreshViews(photos * 2, 16, CONFIG)  # four images
+    assert fresh.indices(0, 3) == [0, 1, 2] and fresh.indices(1, 3) == [3, 0, 1]
+    assert fresh.indices(5, 4) == [0, 1, 2, 3]
+
+
+def test_fresh_views_are_normalised_colours():
+    flat = Image.new("RGB", (50, 40), (255, 0, 51))
+    views = FreshViews([flat], 16, CONFIG).batch(3, 2)
+    expected = (torch.tensor([1.0, 0.0, 0.2]) - 0.5) / 0.5
+    assert torch.allclose(views, expected.view(1, 3, 1, 1).expand(2, 3, 16, 16), atol=1e-6)
+
+
+def test_fresh_crops_cover_a_quarter_to_all_of_the_width_range_and_flip():
+    # On a left-to-right ramp, a crop's brightness span is the share of the width it covers:
+    # 25-100 % of the area at aspect 3/4-4/3 covers sqrt(0.25 * 3/4) = 43 % to 100 % of it.
+    views = pixels(FreshViews([ramp()], 48, CONFIG, seed=1).batch(0, 64))
+    slope = views[:, 0, :, -1].mean(1) - views[:, 0, :, 0].mean(1)
+    span = slope.abs()
+    assert span.min() > 0.40 and span.max() <= 1.0
+    assert span.min() < 0.6 and span.max() > 0.9  # both close and wide crops happen
+    flipped = int((slope < 0).sum())
+    assert 16 <= flipped <= 48  # about half of the views are mirrored
+
+
+def test_fresh_views_leave_global_rngs_alone(photos):
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    FreshViews(photos, 24, CONFIG, seed=0).batch(4, 3)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+
+
+def test_fresh_views_convert_once_and_do_not_keep_the_callers_list(photos):
+    images = list(photos)
+    fresh = FreshViews(images, 16, CONFIG)
+    images.clear()
+    assert [im.mode for im in fresh.images] == ["RGB", "RGB"]
+    assert fresh.batch(0, 2).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"images": []}, "No images"),
+        ({"images": "photo.png"}, "list of PIL images, not a str"),
+        ({"images": [None]}, "Item 0 is a NoneType, not a PIL image"),
+        ({"resolution": 8}, "resolution"),
+        ({"resolution": 32.0}, "resolution"),
+        ({"seed": -1}, "seed"),
+        ({"data_config": {**CONFIG, "std": (0.5, 0.0, 0.5)}}, "std must be positive"),
+        ({"data_config": {**CONFIG, "interpolation": "magic"}}, "interpolation"),
+    ],
+)
+def test_fresh_views_refuse_bad_arguments(photos, kwargs, words):
+    args = {"images": photos, "resolution": 32, "data_config": CONFIG, "seed": 0, **kwargs}
+    with pytest.raises(LSQError, match=words):
+        FreshViews(**args)
+
+
+def test_fresh_views_refuse_bad_steps_and_counts(photos):
+    fresh = FreshViews(photos, 16, CONFIG)
+    with pytest.raises(LSQError, match="step"):
+        fresh.batch(-1, 2)
+    with pytest.raises(LSQError, match="number of views"):
+        fresh.batch(0, 0)
+    with pytest.raises(LSQError, match="number of views"):
+        fresh.batch(0, True)
+
+
+def test_tensor_views_pick_flip_and_repeat():
+    base = torch.arange(5 * 3 * 4 * 4, dtype=torch.float32).view(5, 3, 4, 4)
+    source = TensorViews(base, seed=2)
+    a = source.batch(0, 40)
+    assert a.shape == (40, 3, 4, 4) and a.dtype == torch.float32
+    plain = [any(torch.equal(v, b) for b in base) for v in a]
+    mirrored = [any(torch.equal(v, b.flip(-1)) for b in base) for v in a]
+    assert all(p or m for p, m in zip(plain, mirrored, strict=True))  # nothing else comes out
+    assert 10 <= sum(mirrored) <= 30 and 10 <= sum(plain) <= 30
+    assert len({int(v[0, 0].max()) for v in a}) == 5  # every view gets picked
+    assert torch.equal(a, TensorViews(base, seed=2).batch(0, 40))
+    assert not torch.equal(a, source.batch(1, 40))
+    assert not torch.equal(a, TensorViews(base, seed=3).batch(0, 40))
+    assert torch.equal(base, torch.arange(240, dtype=torch.float32).view(5, 3, 4, 4))  # untouched
+
+
+def test_tensor_views_leave_global_rngs_alone():
+    state = torch.get_rng_state()
+    TensorViews(torch.zeros(3, 3, 8, 8)).batch(2, 4)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(
+    "views, words",
+    [
+        (np.zeros((2, 3, 8, 8)), "tensor"),
+        (torch.zeros(3, 8, 8), r"\[n, 3, height, width\]"),
+        (torch.zeros(2, 1, 8, 8), r"\(2, 1, 8, 8\)"),
+        (torch.zeros(0, 3, 8, 8), "no views"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "floating point"),
+    ],
+)
+def test_tensor_views_refuse_bad_tensors(views, words):
+    with pytest.raises(LSQError, match=words):
+        TensorViews(views)
+
+
+def test_mixed_views_share_by_weight():
+    zeros = TensorViews(torch.zeros(4, 3, 8, 8))
+    ones = TensorViews(torch.ones(4, 3, 8, 8))
+    mixed = MixedViews([zeros, ones], [3, 1])
+    assert mixed.shares(32) == [24, 8] and mixed.shares(5) == [4, 1] and mixed.shares(1) == [1, 0]
+    assert MixedViews([zeros, ones, zeros], [1, 1, 1]).shares(4) == [2, 1, 1]
+    batch = mixed.batch(3, 10)
+    assert batch.shape == (10, 3, 8, 8)
+    assert batch[:, 0, 0, 0].tolist() == [0.0] * 8 + [1.0] * 2
+    assert torch.equal(batch, mixed.batch(3, 10))
+
+
+def test_mixed_views_pass_the_step_to_each_source(photos):
+    fresh = FreshViews(photos, 16, CONFIG, seed=5)
+    mixed = MixedViews([fresh, TensorViews(torch.zeros(2, 3, 16, 16))], [1, 1])
+    assert torch.equal(mixed.batch(7, 4)[:2], fresh.batch(7, 2))
+    assert not torch.equal(mixed.batch(8, 4)[:2], fresh.batch(7, 2))
+
+
+@pytest.mark.parametrize(
+    "sources, weights, words",
+    [
+        ([], [], "at least one source"),
+        (["photos"], [1], "Source 0 is a str"),
+        ("two", [1, 1], "at least one|Source 0"),
+        (None, [1], "at least one source"),
+        ("zeros", [1, 2], "1 sources need 1 weights, got 2"),
+        ("zeros", [-1], "non-negative"),
+        ("zeros", [0], "positive sum"),
+        ("zeros", [float("nan")], "non-negative"),
+        ("mixed sizes", [1, 1], r"different sizes \(\[8, 16\] pixels\)"),
+    ],
+)
+def test_mixed_views_refuse_bad_arguments(sources, weights, words):
+    zeros = TensorViews(torch.zeros(2, 3, 8, 8))
+    if sources == "zeros":
+        sources = [zeros]
+    elif sources == "mixed sizes":
+        sources = [zeros, TensorViews(torch.zeros(2, 3, 16, 16))]
+    elif sources == "two":
+        sources = "ab"
+    with pytest.raises(LSQError, match=words):
+        MixedViews(sources or [], weights)

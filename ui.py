@@ -13,18 +13,25 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from lsq.config import METHODS
+from lsq.config import HIGH_BITS, METHODS, WEIGHT_INIT_CHOICES
 from lsq.errors import LSQError
-from lsq.explorer import WEIGHT_INIT_CHOICES, Settings
+from lsq.explorer import Comparison, Settings
 from lsq.jobs import Job, JobManager
-from lsq.pipeline import DataConfig, ModelSpec, Workbench, prepare
+from lsq.pipeline import DataConfig, ModelSpec
+from lsq.quantizers import MAX_BITS, MIN_BITS
+from lsq.status import Status
 
 #: Uploaded files live here and nowhere else.
 DATA_DIR = Path(os.environ.get("LSQ_DATA_DIR", "data")).resolve()
 MAX_UPLOAD_MB = 200
 
 
+#: The sidebar's defaults: one home, ``Settings``.
+DEFAULT = Settings()
 BASELINES = [m for m in METHODS if m != "lsq+"]
+BITS = list(range(MIN_BITS, MAX_BITS + 1))
+SIZES = [64, 96, 128, 160, 192, 224]
+VIEW_COUNTS = [8, 16, 32, 64, 128]
 SOURCES = {
     "Bundled EfficientNet-Lite0 (ImageNet, offline)": "bundled",
     "timm hub model (needs internet)": "hub",
@@ -34,17 +41,22 @@ SOURCES = {
 
 
 def sidebar() -> Settings | None:
-    """Draw the shared sidebar; returns its Settings, or None (saying why) when invalid."""
+    """Draw the shared sidebar; returns its Settings, or None (saying why) when invalid.
+
+    Every default comes from ``Settings()``. The bits, methods, weight init, resolution and views
+    are bound to the URL (Streamlit's ``bind="query-params"``, keyed by the widget key), so a
+    browser refresh or a shared link keeps them; nonsense in the URL is ignored.
+    """
     sb = st.sidebar
     sb.header("Model")
     label = sb.selectbox("Source", list(SOURCES), key="model_source")
     source = SOURCES[label]
-    spec = ModelSpec()
+    spec = DEFAULT.model
     if source in ("hub", "random"):
-        name = sb.text_input("timm model name", "tf_efficientnet_lite0", key="model_name")
+        name = sb.text_input("timm model name", DEFAULT.model.name, key="model_name")
         spec = ModelSpec(name.strip(), source)
     elif source == "file":
-        arch = sb.text_input("Architecture (timm name)", "tf_efficientnet_lite0", key="file_arch")
+        arch = sb.text_input("Architecture (timm name)", DEFAULT.model.name, key="file_arch")
         path = sb.text_input("Checkpoint path on the server", key="file_path")
         upload = sb.file_uploader(
             "…or upload one", type=["pth", "pt", "bin", "safetensors"], key="ckpt"
@@ -61,29 +73,37 @@ def sidebar() -> Settings | None:
         spec = ModelSpec(arch.strip(), "file", path.strip())
 
     sb.header("Bits")
-    bits = list(range(2, 9))
+    url = {"bind": "query-params"}
     w_bits = sb.select_slider(
-        "Weight bits", options=bits, value=_from_url("w", 8, bits), key="w_bits"
+        "Weight bits", options=BITS, value=DEFAULT.w_bits, key="w_bits", **url
     )
     a_bits = sb.select_slider(
-        "Activation bits", options=bits, value=_from_url("a", 4, bits), key="a_bits"
+        "Activation bits", options=BITS, value=DEFAULT.a_bits, key="a_bits", **url
     )
     quantize_weights = sb.checkbox(
-        "Quantize weights", _from_url("qw", 1, [0, 1]) == 1, key="qw", help="Off: activations only"
+        "Quantize weights",
+        DEFAULT.quantize_weights,
+        key="qw",
+        help="Off: activations only",
+        **url,
     )
     weight_init = sb.selectbox(
         "Weight init",
         WEIGHT_INIT_CHOICES,
-        index=WEIGHT_INIT_CHOICES.index(_from_url("wi", "auto", WEIGHT_INIT_CHOICES)),
+        index=WEIGHT_INIT_CHOICES.index(DEFAULT.weight_init),
         key="weight_init",
-        help="auto: each method's own rule below 6 bits, an MSE search at 6+ bits (the 3-sigma "
-        "and LSQ rules clip too hard there). method: always the method's own rule.",
+        help=f"auto: each method's own rule below {HIGH_BITS} bits, an MSE search at "
+        f"{HIGH_BITS}+ bits (the 3-sigma and LSQ rules clip too hard there); the command line "
+        "uses the same. method: always the method's own rule.",
+        **url,
     )
-    wanted = st.query_params.get("cmp")
-    default = ["lsq", "lsq-signed", "minmax"]
-    if wanted is not None:
-        default = [m for m in wanted.split(",") if m in BASELINES]
-    baselines = sb.multiselect("Compare LSQ+ with", BASELINES, default=default, key="baselines")
+    baselines = sb.multiselect(
+        "Compare LSQ+ with",
+        BASELINES,
+        default=[m for m in DEFAULT.methods if m != "lsq+"],
+        key="baselines",
+        **url,
+    )
 
     sb.header("Data")
     data_src = sb.radio(
@@ -110,23 +130,36 @@ def sidebar() -> Settings | None:
         # One folder per set of images, named by their contents: this session's images only.
         digest = hashlib.sha256(b"".join(hashlib.sha256(f.getvalue()).digest() for f in files))
         try:
-            paths = [save_upload(f, f"images/{digest.hexdigest()[:12]}") for f in files]
+            paths = [
+                save_upload(f, f"images/{digest.hexdigest()[:12]}", i) for i, f in enumerate(files)
+            ]
         except LSQError as e:
             sb.error(str(e))
             return None
         folder = str(paths[0].parent)
-    sizes, counts = [64, 96, 128, 160, 192, 224], [8, 16, 32, 64, 128]
     resolution = sb.select_slider(
-        "Resolution (px)", options=sizes, value=_from_url("res", 224, sizes), key="res"
+        "Resolution (px)", options=SIZES, value=DEFAULT.data.resolution, key="res", **url
     )
     views = sb.select_slider(
-        "Views (calibration and evaluation)", counts, _from_url("views", 32, counts), key="views"
+        "Views (calibration and evaluation)",
+        VIEW_COUNTS,
+        DEFAULT.data.calib_views,
+        key="views",
+        **url,
     )
 
     sb.header("Device")
     cuda = torch.cuda.is_available()
     found = f"found CUDA: {torch.cuda.get_device_name(0)}" if cuda else "no CUDA GPU found: CPU"
-    device = sb.radio("Device", ["auto", "cpu", "cuda"], key="device", help=found, horizontal=True)
+    devices = ["auto", "cpu", "cuda"]
+    device = sb.radio(
+        "Device",
+        devices,
+        index=devices.index(DEFAULT.device),
+        key="device",
+        help=found,
+        horizontal=True,
+    )
     sb.caption(found)
     try:
         data = DataConfig(
@@ -136,7 +169,7 @@ def sidebar() -> Settings | None:
             calib_views=views,
             eval_views=views,
         )
-        settings = Settings(
+        return Settings(
             model=spec,
             data=data,
             w_bits=w_bits,
@@ -146,32 +179,9 @@ def sidebar() -> Settings | None:
             quantize_weights=quantize_weights,
             device=device,
         )
-        # The choices live in the URL too, so a browser refresh keeps them.
-        st.query_params.update(
-            w=str(w_bits),
-            a=str(a_bits),
-            qw=str(int(quantize_weights)),
-            wi=weight_init,
-            cmp=",".join(baselines),
-            res=str(resolution),
-            views=str(views),
-        )
-        return settings
     except LSQError as e:
         sb.error(str(e))
         return None
-
-
-def _from_url(name: str, default, options):
-    """A choice from the URL's query string if it is one of ``options``, else ``default``."""
-    raw = st.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = type(default)(raw)
-    except ValueError:
-        return default
-    return value if value in options else default
 
 
 @st.cache_resource
@@ -180,39 +190,36 @@ def job_manager() -> JobManager:
     return JobManager()
 
 
-@st.cache_resource(max_entries=2, show_spinner=False)
-def _bench(spec: ModelSpec, data: DataConfig, device: str) -> Workbench:
-    return prepare(spec, data, device=device)
-
-
-def workbench(settings: Settings) -> Workbench:
-    """The float model and views for these settings (cached across sessions)."""
-    return _bench(settings.model, settings.data, settings.device)
-
-
 def settings() -> Settings | None:
     """The sidebar's current settings, or None if they are invalid (the sidebar says why)."""
     return st.session_state.get("settings")
 
 
-def save_upload(upload, kind: str) -> Path:
-    """Write an uploaded file under DATA_DIR/uploads/<kind>/ with a safe name; returns its path.
+def save_upload(upload, kind: str, index: int | None = None) -> Path:
+    """Write an uploaded file under DATA_DIR/uploads/<kind>/ and return its path.
 
-    The name keeps only letters, digits, dots, dashes and underscores and is prefixed with a
-    content hash, so no upload can write outside that folder or over another upload.
+    The file keeps the user's file name (letters, digits, dots, dashes and underscores only), so
+    messages about it name the file the user chose. A single file (``index`` None) gets a folder
+    of its own named by a hash of its content; one of a set of files (``index`` its position) is
+    written into ``kind`` itself, prefixed with its position only if another file of the set
+    already took the name. No upload can write outside DATA_DIR/uploads or over another upload.
     """
     data = upload.getvalue()
     if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
         raise LSQError(f"{upload.name} is larger than {MAX_UPLOAD_MB} MB")
     if not data:
         raise LSQError(f"{upload.name} is empty")
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(upload.name).name).lstrip(".") or "upload"
-    digest = hashlib.sha256(data).hexdigest()[:12]
-    folder = (DATA_DIR / "uploads" / kind).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = (folder / f"{digest}-{base[-80:]}").resolve()
-    if folder not in target.parents:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(upload.name).name).lstrip(".")[-80:] or "upload"
+    root = (DATA_DIR / "uploads").resolve()
+    folder = (root / kind).resolve()
+    if index is None:
+        folder = folder / hashlib.sha256(data).hexdigest()[:12]
+    target = (folder / base).resolve()
+    if index is not None and target.exists() and target.read_bytes() != data:
+        target = (folder / f"{index}-{base}").resolve()
+    if root not in target.parents:
         raise LSQError("refused an upload name that points outside the upload folder")
+    folder.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_bytes(data)
@@ -220,15 +227,20 @@ def save_upload(upload, kind: str) -> Path:
     return target
 
 
-def show_job(job: Job | None, kind: str) -> None:
-    """Progress of a running job (refreshing itself each second), or how the last one ended."""
+def show_job(job: Job | None) -> None:
+    """Progress of a running job (refreshing itself each second), or how the last one ended.
+
+    A failed job's error is shown only while the sidebar still has the settings it ran with.
+    """
     if job is None:
         return
     if job.active:
         _job_progress(job.id)
-    elif job.status == "failed":
-        st.error(job.message)
-    elif job.status == "stopped":
+    elif job.status == Status.FAILED:
+        ran_with = job.params.get("settings")
+        if ran_with is None or ran_with == settings():
+            st.error(job.message)
+    elif job.status == Status.STOPPED:
         st.warning(f"{job.title} was stopped after {job.elapsed:.0f} s.")
 
 
@@ -246,13 +258,58 @@ def _job_progress(job_id: str) -> None:
         st.toast("Stopping after the current step…")
 
 
-def calibration_or_stop(why: str) -> Job:
-    """The last finished calibration job; otherwise say ``why`` one is needed and stop the page."""
-    calib = job_manager().latest("calibrate")
-    if calib is None or calib.status != "done":
+def comparison_or_stop(why: str) -> Comparison:
+    """The latest published results of the last calibration, labelled with their settings.
+
+    That is the calibration's own (initialised) results, or those of the last training of that
+    calibration which ended with results. Without a finished calibration, says ``why`` one is
+    needed and stops the page.
+    """
+    manager = job_manager()
+    calib = manager.latest("calibrate")
+    if calib is None or calib.status != Status.DONE:
+        show_job(calib)
         st.info(f"Calibrate first (Calibrate page){why}.")
         st.stop()
-    return calib
+    comp = calib.result
+    trained = [j for j in manager.jobs("train") if _of(j, comp) and j.result is not None]
+    if trained:
+        comp = trained[0].result
+    st.caption(f"Results of: {comp.settings.label}")
+    current = settings()
+    if current is not None and current != comp.settings:
+        st.info("The sidebar has other settings than these results; calibrate to update them.")
+    return comp
+
+
+def _of(job: Job, comp: Comparison) -> bool:
+    return job.params.get("calibration") == comp.calibration
+
+
+def latest_job(kind: str, comp: Comparison, **params) -> Job | None:
+    """The latest job of ``kind`` made from ``comp``'s calibration (and with ``params``)."""
+    for job in job_manager().jobs(kind):
+        if _of(job, comp) and all(job.params.get(k) == v for k, v in params.items()):
+            return job
+    return None
+
+
+def show_metrics(frame) -> None:
+    """A table of model-level metrics with readable column names and fixed decimals."""
+    columns = ["method", "config", "stage", "agreement", "confident_agreement", "kl"]
+    st.dataframe(
+        frame[[c for c in [*columns, "logit_sqnr_db"] if c in frame]],
+        hide_index=True,
+        column_config={
+            "config": "quantization",
+            "agreement": st.column_config.NumberColumn("top-1 agreement", format="%.3f"),
+            "confident_agreement": st.column_config.NumberColumn(
+                "agreement (confident views)", format="%.3f"
+            ),
+            "kl": st.column_config.NumberColumn("KL(float ‖ quantized)", format="%.4f"),
+            "logit_sqnr_db": st.column_config.NumberColumn("logit SQNR (dB)", format="%.1f"),
+        },
+    )
 
 
 def submit(job: Job, fn) -> Job | None:

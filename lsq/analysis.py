@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lsq.calibrate import ActStats
-from lsq.convert import QuantLayer, float_mode, quant_layers, quantizers
+from lsq.convert import QuantLayer, float_mode, quant_layers, switched
 from lsq.train import distillation_loss, logits
 
 GROUPS = ("stem", "depthwise", "expansion", "projection", "conv", "head", "classifier")
@@ -77,15 +77,12 @@ def layer_group(layer: QuantLayer, name: str) -> str:
 @torch.no_grad()
 def _layer_outputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     outs: dict[str, Tensor] = {}
-    handles = [
-        layer.register_forward_hook(lambda m, i, o, n=name: outs.__setitem__(n, o.detach().cpu()))
+    hooks = [
+        (layer, lambda m, i, o, n=name: outs.__setitem__(n, o.detach().cpu()), False)
         for name, layer in quant_layers(model).items()
     ]
-    try:
+    with switched(hooks=hooks):
         model(x.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
     return outs
 
 
@@ -111,10 +108,8 @@ def layer_table(
         aq, wq = layer.input_quant, layer.weight_quant
         lo, hi = (float(v) for v in aq.clip_range()) if bool(aq.initialized) else (math.nan,) * 2
         w = layer.layer.weight
-        was = wq.enabled
-        wq.enabled = True
-        w_sqnr = sqnr_db(w, wq(w))
-        wq.enabled = was
+        with switched([wq], True):
+            w_sqnr = sqnr_db(w, wq(w))
         row = {
             "index": i,
             "layer": name,
@@ -140,10 +135,8 @@ def layer_table(
                 clipped_above=float((sample > hi).float().mean()) if sample.numel() else math.nan,
             )
             if bool(aq.initialized) and sample.numel():
-                was = aq.enabled
-                aq.enabled = True
-                row["input_sqnr_db"] = sqnr_db(sample, aq(sample.to(aq.scale.device)).cpu())
-                aq.enabled = was
+                with switched([aq], True):
+                    row["input_sqnr_db"] = sqnr_db(sample, aq(sample.to(aq.scale.device)).cpu())
         if outputs_f is not None and name in outputs_f:
             row["output_sqnr_db"] = sqnr_db(outputs_f[name], outputs_q[name])
         rows.append(row)
@@ -172,30 +165,22 @@ def sensitivity(
         units = {name: [layer] for name, layer in layers.items()}
     else:
         raise ValueError(f"by must be 'group' or 'layer', got {by!r}")
-    saved = [(q, q.enabled) for q in quantizers(model)]
     rows = []
-    try:
-        for unit, members in units.items():
-            for part in parts:
-                for q, _ in saved:
-                    q.enabled = False
-                for layer in members:
-                    q = layer.weight_quant if part == "weights" else layer.input_quant
-                    q.enabled = True
+    for unit, members in units.items():
+        for part in parts:
+            chosen = [q.weight_quant if part == "weights" else q.input_quant for q in members]
+            with float_mode(model), switched(chosen, True):
                 m = model_metrics(model, views, teacher_logits)
-                rows.append(
-                    {
-                        "unit": unit,
-                        "part": part,
-                        "layers": len(members),
-                        "kl": m["kl"],
-                        "agreement": m["agreement"],
-                        "logit_sqnr_db": m["logit_sqnr_db"],
-                    }
-                )
-    finally:
-        for q, enabled in saved:
-            q.enabled = enabled
+            rows.append(
+                {
+                    "unit": unit,
+                    "part": part,
+                    "layers": len(members),
+                    "kl": m["kl"],
+                    "agreement": m["agreement"],
+                    "logit_sqnr_db": m["logit_sqnr_db"],
+                }
+            )
     return pd.DataFrame(rows)
 
 

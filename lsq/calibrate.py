@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lsq.config import QuantConfig
-from lsq.convert import float_mode, quant_layers
+from lsq.convert import float_mode, quant_layers, switched
 from lsq.errors import LSQError
 from lsq.init import init_activation_quantizer
 
@@ -130,21 +130,17 @@ def collect_stats(
 
         return pre
 
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    hooks = [(layer, hook(name), True) for name, layer in layers.items()]
     seen = 0
-    try:
-        with torch.no_grad(), float_mode(model):
-            was_training = model.training
-            model.eval()
-            for i, batch in enumerate(batches):
-                model(batch.to(device))
-                seen += batch.shape[0]
-                if progress is not None:
-                    progress(i + 1)
-            model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), float_mode(model), switched(hooks=hooks):
+        was_training = model.training
+        model.eval()
+        for i, batch in enumerate(batches):
+            model(batch.to(device))
+            seen += batch.shape[0]
+            if progress is not None:
+                progress(i + 1)
+        model.train(was_training)
     if seen == 0:
         raise LSQError("calibration needs at least one image")
     return stats

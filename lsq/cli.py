@@ -14,8 +14,23 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from lsq.config import ACT_INITS, ACT_MODES, METHODS, WEIGHT_INITS, make_config
+from lsq.config import (
+    ACT_INITS,
+    ACT_MODES,
+    METHODS,
+    WEIGHT_INIT_CHOICES,
+    make_config,
+    resolve_weight_init,
+)
 from lsq.errors import LSQError
+from lsq.pipeline import DataConfig
+from lsq.status import Status
+from lsq.train import OPTIMIZERS, TrainConfig
+from lsq.validate import whole_number
+
+#: The CLI's defaults are the library's: data from DataConfig, training from TrainConfig.
+DATA = DataConfig()
+TRAIN = TrainConfig()
 
 EPILOG = """examples:
   python -m lsq run                                  # LSQ+ W4A4 on the bundled EfficientNet-Lite0
@@ -27,12 +42,9 @@ EPILOG = """examples:
 
 def _int(text: str) -> int:
     try:
-        value = float(text)
-    except ValueError:
+        return whole_number(float(text), "the value")
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    return int(value)
 
 
 def _float(text: str) -> float:
@@ -80,13 +92,29 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resolution", type=_int, default=None, help="input size in pixels (default: the model's)"
     )
-    g.add_argument("--calib", type=_int, default=64, help="calibration/training views (default 64)")
     g.add_argument(
-        "--eval-views", type=_int, default=64, help="held-out evaluation views (default 64)"
+        "--calib",
+        type=_int,
+        default=DATA.calib_views,
+        help=f"calibration/training views (default {DATA.calib_views})",
     )
-    g.add_argument("--batch-size", type=_int, default=16, help="batch size (default 16)")
     g.add_argument(
-        "--seed", type=_int, default=0, help="random seed for views and training (default 0)"
+        "--eval-views",
+        type=_int,
+        default=DATA.eval_views,
+        help=f"held-out evaluation views (default {DATA.eval_views})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_int,
+        default=TRAIN.batch_size,
+        help=f"batch size (default {TRAIN.batch_size})",
+    )
+    g.add_argument(
+        "--seed",
+        type=_int,
+        default=TRAIN.seed,
+        help=f"random seed for views and training (default {TRAIN.seed})",
     )
     g.add_argument(
         "--device",
@@ -96,20 +124,42 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     t = p.add_argument_group("training (QAT)")
     t.add_argument(
-        "--steps", type=_int, default=None, help="QAT steps after init (run: 0 = init only)"
+        "--steps",
+        type=_int,
+        default=None,
+        help=f"QAT steps after init (run: default {TRAIN.steps}, 0 = init only; compare: "
+        "default 0)",
     )
-    t.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="default adam")
     t.add_argument(
-        "--lr", type=_float, default=1e-5, help="learning rate of the weights (default 1e-5)"
+        "--optimizer",
+        default=TRAIN.optimizer,
+        choices=list(OPTIMIZERS),
+        help=f"default {TRAIN.optimizer}",
+    )
+    t.add_argument(
+        "--lr",
+        type=_float,
+        default=TRAIN.lr_weights,
+        help=f"learning rate of the weights (default {TRAIN.lr_weights:g})",
     )
     t.add_argument(
         "--lr-act",
         type=_float,
-        default=3e-4,
-        help="learning rate of activation scales/offsets (3e-4)",
+        default=TRAIN.lr_act_quant,
+        help=f"learning rate of activation scales/offsets (default {TRAIN.lr_act_quant:g})",
     )
     t.add_argument(
-        "--lr-wq", type=_float, default=1e-5, help="learning rate of weight scales (1e-5)"
+        "--lr-wq",
+        type=_float,
+        default=TRAIN.lr_weight_quant,
+        help=f"learning rate of weight scales (default {TRAIN.lr_weight_quant:g})",
+    )
+    t.add_argument(
+        "--weight-init",
+        choices=WEIGHT_INIT_CHOICES,
+        default="auto",
+        help="auto (default, as in the app): each method's own rule below 6 bits, an MSE search "
+        "at 6+ bits; method: always the method's own rule; or one initializer for all",
     )
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
 
@@ -125,7 +175,7 @@ def _spec(args):
 
 
 def _prepare(args):
-    from lsq.pipeline import DataConfig, prepare
+    from lsq.pipeline import prepare
 
     data = DataConfig(
         source="folder" if args.images else "bundled",
@@ -151,9 +201,7 @@ def _prepare(args):
     return bench, progress, bar
 
 
-def _train_cfg(args, steps: int):
-    from lsq.train import TrainConfig
-
+def _train_cfg(args, steps: int) -> TrainConfig:
     return TrainConfig(
         steps=steps,
         batch_size=args.batch_size,
@@ -164,7 +212,6 @@ def _train_cfg(args, steps: int):
         seed=args.seed,
         device=args.device,
         bf16=args.bf16,
-        eval_every=max(1, steps // 5),
     )
 
 
@@ -180,11 +227,9 @@ def cmd_run(args) -> int:
     from lsq.pipeline import finish_run, init_method, start_run, train_method, write_progress
 
     t0 = time.perf_counter()
-    steps = 50 if args.steps is None else args.steps
-    if steps < 0:
-        raise LSQError(f"--steps must be 0 or more, got {steps}")
-    overrides = {}
-    for key in ("act_mode", "act_init", "weight_init"):
+    steps = whole_number(TRAIN.steps if args.steps is None else args.steps, "--steps", 0)
+    overrides = {"weight_init": resolve_weight_init(args.method, args.w_bits, args.weight_init)}
+    for key in ("act_mode", "act_init"):
         if getattr(args, key):
             overrides[key] = getattr(args, key)
     if args.first_last_bits is not None:
@@ -197,20 +242,22 @@ def cmd_run(args) -> int:
     print(f"{config.label} after init: {_fmt_metrics(result.metrics_init)}")
     run = start_run(bench, result, train_cfg, root=args.runs_dir)
     if train_cfg is not None:
+        history = []
         with tqdm(total=steps, file=sys.stderr, desc="QAT", leave=False) as tbar:
 
             def on_event(e):
+                history.append(e)
                 if e.kind == "step":
                     tbar.update(1)
                     tbar.set_postfix(loss=f"{e.loss:.4f}")
                     if e.step % 10 == 0:
-                        write_progress(run, result)
+                        write_progress(run, history)
 
-            train_method(bench, result, train_cfg, on_event=on_event)
-        if result.status != "complete":
+            result = train_method(bench, result, train_cfg, on_event=on_event)
+        if result.status != Status.COMPLETE:
             print(f"training {result.status}: {result.message}", file=sys.stderr)
         print(f"{config.label} after {steps} QAT steps: {_fmt_metrics(result.metrics_final)}")
-    table = layer_table(result.model, bench.stats, bench.eval[:8])
+    table = layer_table(result.copy_model(), bench.stats, bench.eval[:8])
     worst = table.nsmallest(5, "output_sqnr_db")[
         [
             "layer",
@@ -228,7 +275,7 @@ def cmd_run(args) -> int:
     print(worst.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     finish_run(run, bench, result)
     print(f"\nsaved run: {run.path}  ({time.perf_counter() - t0:.0f} s)")
-    return 0 if result.status in ("complete", "stopped") else 1
+    return 0 if result.status in (Status.COMPLETE, Status.STOPPED) else 1
 
 
 def cmd_compare(args) -> int:
@@ -240,13 +287,10 @@ def cmd_compare(args) -> int:
             raise LSQError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     for b in args.bits:
         make_config("lsq+", b, b)  # validates
-    steps = 0 if args.steps is None else args.steps
-    if steps < 0:
-        raise LSQError(f"--steps must be 0 or more, got {steps}")
+    steps = whole_number(0 if args.steps is None else args.steps, "--steps", 0)
     bench, progress, bar = _prepare(args)
-    table = compare(
-        bench, args.methods, args.bits, _train_cfg(args, steps) if steps else None, progress
-    )
+    train_cfg = _train_cfg(args, steps) if steps else None
+    table = compare(bench, args.methods, args.bits, train_cfg, progress, args.weight_init)
     bar.close()
     wall = time.perf_counter() - t0
     pivot_cols = ["init_agreement", "init_kl"] + (["qat_agreement", "qat_kl"] if steps else [])
@@ -303,12 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--act-init", choices=ACT_INITS, default=None, help="override the method's activation init"
-    )
-    r.add_argument(
-        "--weight-init",
-        choices=WEIGHT_INITS,
-        default=None,
-        help="override the method's weight init (maxabs or mse suit 8 bits)",
     )
     _add_common(r)
     r.set_defaults(func=cmd_run)

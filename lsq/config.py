@@ -30,6 +30,13 @@ ACT_INITS = ("mse", "lsq", "minmax")
 #: mse (argmin of the quantization MSE over the clipping range).
 WEIGHT_INITS = ("3sigma", "lsq", "maxabs", "mse")
 
+#: Weight-init choices of the app and the CLI: "auto" (the default of both), "method" (always the
+#: method's own rule) or one initializer for every method.
+WEIGHT_INIT_CHOICES = ("auto", "method", *WEIGHT_INITS)
+#: From this many weight bits "auto" uses the MSE search: the 3-sigma and LSQ rules clip too hard
+#: there (on the bundled model they halve top-1 agreement at W8).
+HIGH_BITS = 6
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -133,3 +140,21 @@ def make_config(
     if method not in METHODS:
         raise LSQError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method].with_(w_bits=w_bits, a_bits=a_bits, **changes)
+
+
+def resolve_weight_init(method: str, w_bits: int, choice: str = "auto") -> str:
+    """The weight initializer a weight-init ``choice`` means for ``method`` at ``w_bits``.
+
+    auto: the method's own rule below ``HIGH_BITS``, an MSE search from there; method: the
+    method's own rule; anything else names the initializer itself.
+    """
+    _check_choice("weight init", choice, WEIGHT_INIT_CHOICES)
+    if method not in METHODS:
+        raise LSQError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if choice == "auto":
+        return (
+            "mse" if check_bits(w_bits, "weight bits") >= HIGH_BITS else METHODS[method].weight_init
+        )
+    if choice == "method":
+        return METHODS[method].weight_init
+    return choice

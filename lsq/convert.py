@@ -8,7 +8,7 @@ original layer unchanged, so the float model is always one switch away.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -148,28 +148,40 @@ def quantizers(model: nn.Module) -> Iterator[Quantizer]:
             yield m
 
 
-def set_quantization(
-    model: nn.Module, weights: bool | None = None, acts: bool | None = None
-) -> None:
-    """Switch weight and/or activation quantizers on or off (None: leave as is)."""
-    for layer in quant_layers(model).values():
-        if weights is not None:
-            layer.weight_quant.enabled = weights
-        if acts is not None:
-            layer.input_quant.enabled = acts
+@contextlib.contextmanager
+def switched(
+    quantizers: Iterable[Quantizer] = (),
+    enabled: bool = False,
+    hooks: Iterable[tuple[nn.Module, Callable, bool]] = (),
+) -> Iterator[None]:
+    """For the block only: turn ``quantizers`` on or off and attach forward ``hooks``.
+
+    ``hooks`` are (module, hook, pre) triples: a forward pre-hook when ``pre``, else a forward
+    hook. On leaving, even on an exception, every switch is set back to what it was and every
+    hook is removed. The one way the library changes a model temporarily; nest it to turn
+    everything off and then a few back on.
+    """
+    saved = [(q, q.enabled) for q in quantizers]
+    handles = []
+    try:
+        for q, _ in saved:
+            q.enabled = enabled
+        for module, hook, pre in hooks:
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            handles.append(register(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for q, was in saved:
+            q.enabled = was
 
 
 @contextlib.contextmanager
 def float_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily run the model in float (all quantizers off); restores each switch after."""
-    saved = [(q, q.enabled) for q in quantizers(model)]
-    try:
-        for q, _ in saved:
-            q.enabled = False
+    with switched(quantizers(model), False):
         yield model
-    finally:
-        for q, enabled in saved:
-            q.enabled = enabled
 
 
 # --- BatchNorm folding ---------------------------------------------------------------------------
@@ -195,11 +207,7 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | None = None) -> lis
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            hooks.append(
-                m.register_forward_hook(
-                    lambda mod, i, o, n=name: produced.__setitem__(id(o), (n, o))
-                )
-            )
+            hooks.append((m, lambda mod, i, o, n=name: produced.__setitem__(id(o), (n, o)), False))
         elif isinstance(m, nn.BatchNorm2d) and _bn_replacement(m) is not None:
 
             def pre(mod, inputs, n=name):
@@ -207,15 +215,12 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | None = None) -> lis
                 if hit is not None and hit[1] is inputs[0]:
                     pairs.append((hit[0], n))
 
-            hooks.append(m.register_forward_pre_hook(pre))
+            hooks.append((m, pre, True))
     if example_input is None:
         p = next(model.parameters())
         example_input = torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype)
-    try:
+    with switched(hooks=hooks):
         model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
     seen_convs = {}
     for conv_name, _ in pairs:
         seen_convs[conv_name] = seen_convs.get(conv_name, 0) + 1

@@ -2,18 +2,26 @@
 
 The pages stay thin: they collect widgets into ``Settings``, submit the job functions below to
 the ``JobManager``, and draw the DataFrames these functions return with ``lsq.plots``.
+
+Results are published, never changed: a calibration job publishes a ``Comparison`` of frozen
+initialised results; a training job trains private copies and publishes a new ``Comparison``
+that adds the trained results. Analysis (per-layer tables, sensitivity) runs on copies too, so
+no model is ever shared between a running job and a page.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
 from lsq.analysis import grid_levels, histogram_frame, layer_table, sensitivity
-from lsq.config import METHODS, QuantConfig, make_config
+from lsq.config import METHODS, WEIGHT_INIT_CHOICES, QuantConfig, make_config, resolve_weight_init
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
 from lsq.jobs import Job
@@ -21,6 +29,7 @@ from lsq.pipeline import (
     DataConfig,
     MethodResult,
     ModelSpec,
+    Stage,
     Workbench,
     finish_run,
     history_frames,
@@ -33,16 +42,13 @@ from lsq.pipeline import (
 )
 from lsq.train import TrainConfig
 
-#: Weight-init choices offered in the app. "auto": the method's own init at low bits, and an MSE
-#: search at 6+ bits, where the 3-sigma and LSQ rules clip too hard (measured on the bundled
-#: model: they halve top-1 agreement at W8).
-WEIGHT_INIT_CHOICES = ("auto", "method", "3sigma", "lsq", "maxabs", "mse")
-HIGH_BITS = 6
+#: Views of the evaluation set the per-layer table compares on (output SQNR).
+LAYER_VIEWS = 8
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the sidebar decides."""
+    """Everything the sidebar decides; its defaults are the sidebar's defaults."""
 
     model: ModelSpec = ModelSpec()
     data: DataConfig = DataConfig(resolution=224, calib_views=32, eval_views=32)
@@ -68,13 +74,21 @@ class Settings:
 
     def config(self, method: str) -> QuantConfig:
         """The QuantConfig of ``method`` under these settings."""
-        changes: dict = {"quantize_weights": self.quantize_weights}
-        if self.weight_init == "auto":
-            if self.w_bits >= HIGH_BITS:
-                changes["weight_init"] = "mse"
-        elif self.weight_init != "method":
-            changes["weight_init"] = self.weight_init
-        return make_config(method, self.w_bits, self.a_bits, **changes)
+        return make_config(
+            method,
+            self.w_bits,
+            self.a_bits,
+            quantize_weights=self.quantize_weights,
+            weight_init=resolve_weight_init(method, self.w_bits, self.weight_init),
+        )
+
+    @property
+    def label(self) -> str:
+        """These settings in one line, to say which settings a result belongs to."""
+        model = f"{self.model.name} ({self.model.source})"
+        bits = f"W{self.w_bits}A{self.a_bits}" if self.quantize_weights else f"A{self.a_bits}"
+        res = f"{self.data.resolution} px" if self.data.resolution else "model's size"
+        return f"{model}, {bits}, weight init {self.weight_init}, {res}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,25 +118,62 @@ def get_workbench(settings: Settings, job: Job | None = None, keep: int = 2) -> 
     return bench
 
 
-@dataclass
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass(frozen=True, eq=False)
 class Comparison:
-    """The methods of one settings, initialised (and possibly trained) side by side."""
+    """The methods of one settings side by side: a published, frozen set of results.
+
+    ``initial`` holds each method right after init and never changes; ``trained`` the latest
+    trained result of each method trained so far. ``calibration`` names the calibration every
+    result here descends from (pages show nothing of another); ``id`` names this publication.
+    """
 
     settings: Settings
     bench: Workbench
-    results: dict[str, MethodResult] = field(default_factory=dict)
-    runs: dict[str, str] = field(default_factory=dict)
+    initial: Mapping[str, MethodResult]
+    trained: Mapping[str, MethodResult] = field(default_factory=dict)
+    runs: Mapping[str, str] = field(default_factory=dict)
+    calibration: str = field(default_factory=_new_id)
+    id: str = field(default_factory=_new_id)
 
-    def metrics_frame(self, stage: str = "init") -> pd.DataFrame:
+    def results(self, stage: Stage | str = Stage.INITIALISED) -> dict[str, MethodResult]:
+        """The results of one stage, by method (only the methods that reached it)."""
+        if stage == Stage.INITIALISED:
+            return dict(self.initial)
+        if stage == Stage.TRAINED:
+            return dict(self.trained)
+        raise LSQError(f"no {stage} results in this comparison")
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The stages that have results, earliest first."""
+        return [Stage.INITIALISED] + ([Stage.TRAINED] if self.trained else [])
+
+    def with_trained(self, trained: Mapping[str, MethodResult]) -> Comparison:
+        """A new publication with ``trained`` replacing those methods' trained results."""
+        runs = {**self.runs}
+        runs.update({m: str(r.run_path) for m, r in trained.items() if r.run_path is not None})
+        return dataclasses.replace(
+            self, trained={**self.trained, **trained}, runs=runs, id=_new_id()
+        )
+
+    def metrics_frame(self, stage: Stage | str = Stage.INITIALISED) -> pd.DataFrame:
+        """One row per method: its numbers at ``stage``, or right after init with "not trained"
+        when it has not been trained."""
         rows = []
-        for method, r in self.results.items():
-            m = r.metrics_init if stage == "init" or r.metrics_final is None else r.metrics_final
-            rows.append({"method": method, "config": r.config.label, "status": r.status, **m})
+        for method, first in self.initial.items():
+            r = self.trained.get(method, first) if stage == Stage.TRAINED else first
+            label = r.label if r.stage == stage else f"not {stage}"
+            rows.append({"method": method, "config": r.config.label, "stage": label, **r.metrics})
         return pd.DataFrame(rows)
 
     def ranges_frame(self) -> pd.DataFrame:
+        """Every layer's initial input range of every method (long format)."""
         frames = []
-        for method, r in self.results.items():
+        for method, r in self.initial.items():
             df = r.init_frame().reset_index(names="index")
             df = df.rename(columns={"name": "layer", "lo": "range_lo", "hi": "range_hi"})
             df.insert(0, "method", method)
@@ -133,7 +184,8 @@ class Comparison:
 def calibrate_job(job: Job, settings: Settings, save: bool = True) -> Comparison:
     """Calibrate once, initialise every chosen method, evaluate; save each as a run."""
     bench = get_workbench(settings, job)
-    comp = Comparison(settings, bench)
+    initial: dict[str, MethodResult] = {}
+    runs: dict[str, str] = {}
     n = len(settings.methods)
     for i, method in enumerate(settings.methods):
         if job.stop_requested():
@@ -145,30 +197,46 @@ def calibrate_job(job: Job, settings: Settings, save: bool = True) -> Comparison
                 job.progress("recording activations", done, total)
 
         result = init_method(bench, settings.config(method), progress)
-        comp.results[method] = result
         if save:
-            comp.runs[method] = str(save_result(bench, result).path)
+            result = save_result(bench, result)
+            runs[method] = str(result.run_path)
+        initial[method] = result
     job.progress("done", n, n)
-    return comp
+    return Comparison(settings, bench, initial, runs=runs)
 
 
-def train_job(job: Job, comp: Comparison, methods: list[str], train_cfg: TrainConfig) -> Comparison:
-    """QAT of the chosen methods of an initialised comparison, one after another; saves runs."""
+def train_job(
+    job: Job,
+    comp: Comparison,
+    methods: list[str],
+    train_cfg: TrainConfig,
+    continue_trained: bool = False,
+) -> Comparison:
+    """QAT of the chosen methods, one after another; saves runs; publishes a new Comparison.
+
+    Each method trains a private copy of its initialised result, so pressing Train twice gives
+    two independent runs; ``continue_trained`` starts from the method's latest trained result
+    instead, where it has one.
+    """
     bench = comp.bench
-    missing = [m for m in methods if m not in comp.results]
+    missing = [m for m in methods if m not in comp.initial]
     if missing:
         raise LSQError(f"calibrate {', '.join(missing)} first (Calibrate page)")
+    trained: dict[str, MethodResult] = {}
     for i, method in enumerate(methods):
         if job.stop_requested():
             break
-        result = comp.results[method]
+        start = comp.initial[method]
+        if continue_trained:
+            start = comp.trained.get(method, start)
+        run = start_run(bench, start, train_cfg)
+        history = []
 
-        run = start_run(bench, result, train_cfg)
-
-        def on_event(e, method=method, i=i, run=run, result=result) -> None:
+        def on_event(e, method=method, i=i, run=run, history=history) -> None:
             job.add_event((method, e))
+            history.append(e)
             if e.kind == "step" and e.step % 10 == 0:
-                write_progress(run, result)
+                write_progress(run, history)
             if e.kind == "step":
                 job.progress(
                     f"training {method}",
@@ -176,10 +244,11 @@ def train_job(job: Job, comp: Comparison, methods: list[str], train_cfg: TrainCo
                     len(methods) * train_cfg.steps,
                 )
 
-        train_method(bench, result, train_cfg, on_event=on_event, should_stop=job.stop_requested)
-        finish_run(run, bench, result)
-        comp.runs[method] = str(run.path)
-    return comp
+        result = train_method(
+            bench, start, train_cfg, on_event=on_event, should_stop=job.stop_requested
+        )
+        trained[method] = finish_run(run, bench, result)
+    return comp.with_trained(trained)
 
 
 def events_frames(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -199,40 +268,59 @@ def events_frames(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.concat(metrics, ignore_index=True), pd.concat(traj, ignore_index=True)
 
 
-def layers_frame(comp: Comparison, eval_views: int = 8) -> pd.DataFrame:
-    """Per-layer table of every method, long format (one row per method and layer)."""
+def layers_job(job: Job, comp: Comparison, stage: Stage | str = Stage.INITIALISED) -> pd.DataFrame:
+    """Per-layer table of every method at ``stage``, long format (one row per method and layer).
+
+    Each method is measured on a private copy of its snapshot; a stop ends it between methods.
+    """
     bench = comp.bench
     frames = []
-    views = bench.eval[:eval_views]
-    for method, r in comp.results.items():
-        df = layer_table(r.model, bench.stats, views)
+    views = bench.eval[:LAYER_VIEWS]
+    results = comp.results(stage)
+    for i, (method, r) in enumerate(results.items()):
+        if job.stop_requested():
+            break
+        job.progress(f"measuring every layer of {method}", i, len(results))
+        df = layer_table(r.copy_model(), bench.stats, views)
         df.insert(0, "method", method)
         frames.append(df)
+    job.progress("done", len(frames), len(results))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def layer_view(comp: Comparison, layer: str) -> tuple[pd.DataFrame, dict, tuple]:
-    """One layer's input histogram, each method's grid (levels and range), and observed min/max."""
+def layer_view(
+    comp: Comparison, layer: str, stage: Stage | str = Stage.INITIALISED
+) -> tuple[pd.DataFrame, dict, tuple]:
+    """One layer's input histogram, each method's grid (levels and range) at ``stage``, and the
+    observed min/max. Reads the snapshots only."""
     bench = comp.bench
     if bench.stats is None or layer not in bench.stats:
         raise LSQError(f"no calibration statistics for layer {layer!r}; calibrate first")
     st = bench.stats[layer]
     grids = {}
-    for method, r in comp.results.items():
+    for method, r in comp.results(stage).items():
         ql = quant_layers(r.model)[layer]
         lo, hi = ql.input_quant.clip_range()
         grids[method] = {"levels": grid_levels(ql).tolist(), "lo": float(lo), "hi": float(hi)}
     return histogram_frame(st), grids, (st.min, st.max)
 
 
-def sensitivity_job(job: Job, comp: Comparison, method: str, views: int = 16) -> pd.DataFrame:
-    """Group-by-group sensitivity of one method (weights vs activations), on a few views."""
-    if method not in comp.results:
-        raise LSQError(f"calibrate {method} first")
+def sensitivity_job(
+    job: Job,
+    comp: Comparison,
+    method: str,
+    stage: Stage | str = Stage.INITIALISED,
+    views: int = 16,
+) -> pd.DataFrame:
+    """Group-by-group sensitivity of one method at ``stage`` (weights vs activations), on a
+    private copy of its snapshot and a few views."""
+    results = comp.results(stage)
+    if method not in results:
+        raise LSQError(f"no {stage} result of {method}; calibrate (or train) it first")
     job.progress(f"sensitivity of {method}", 0, 1)
     bench = comp.bench
-    v = bench.eval[:views]
-    df = sensitivity(comp.results[method].model, v, bench.teacher_eval[:views], by="group")
+    model = results[method].copy_model()
+    df = sensitivity(model, bench.eval[:views], bench.teacher_eval[:views], by="group")
     df.insert(0, "method", method)
     job.progress("done", 1, 1)
     return df

@@ -8,17 +8,18 @@ events and check whether the user asked it to stop.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lsq.errors import LSQError
+from lsq.status import ACTIVE, Status
 
-ACTIVE = ("queued", "running")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Job:
     title: str
     params: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    status: str = "queued"  # queued, running, done, failed, stopped
+    status: Status = Status.QUEUED  # queued, running, done, failed, stopped
     stage: str = ""
     done: int = 0
     total: int = 0
@@ -90,7 +91,7 @@ class JobManager:
             self._order.append(job.id)
             while len(self._order) > self._keep:
                 self._jobs.pop(self._order.pop(0), None)
-            job.status = "running"
+            job.status = Status.RUNNING
             job.started = time.time()
         thread = threading.Thread(target=self._run, args=(job, fn), daemon=True, name=job.title)
         thread.start()
@@ -99,14 +100,16 @@ class JobManager:
     def _run(self, job: Job, fn: Callable[[Job], Any]) -> None:
         try:
             job.result = fn(job)
-            if job.status == "running":
-                job.status = "stopped" if job.stop_requested() else "done"
+            if job.status == Status.RUNNING:
+                job.status = Status.STOPPED if job.stop_requested() else Status.DONE
         except LSQError as e:
-            job.status, job.message = "failed", str(e)
-        except Exception as e:  # a bug: keep the server alive and say what happened
-            job.status = "failed"
-            job.message = f"unexpected error: {type(e).__name__}: {e}"
-            job.params["traceback"] = traceback.format_exc()
+            job.status, job.message = Status.FAILED, str(e)
+        except Exception as e:  # a bug: keep the server alive, log the traceback, say what happened
+            log.exception("job %r (%s) failed", job.title, job.id)
+            job.status = Status.FAILED
+            job.message = (
+                f"unexpected error: {type(e).__name__}: {e} (the traceback is in the server log)"
+            )
         finally:
             job.finished = time.time()
 
@@ -120,12 +123,14 @@ class JobManager:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def jobs(self, kind: str | None = None) -> list[Job]:
+        """The kept jobs (of ``kind``), newest first."""
+        with self._lock:
+            found = [self._jobs[jid] for jid in reversed(self._order)]
+        return [j for j in found if kind is None or j.kind == kind]
+
     def latest(self, kind: str | None = None) -> Job | None:
-        for jid in reversed(self._order):
-            job = self._jobs[jid]
-            if kind is None or job.kind == kind:
-                return job
-        return None
+        return next(iter(self.jobs(kind)), None)
 
     def wait(self, job: Job, timeout: float = 600.0) -> Job:
         """Block until ``job`` ends (tests and the CLI); raises LSQError on timeout."""

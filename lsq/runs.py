@@ -25,7 +25,7 @@ import secrets
 import shutil
 import socket
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,15 +34,17 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lsq.config import QuantConfig
 from lsq.errors import LSQError
+from lsq.status import RUN_STATUSES, Status
 
 #: Environment variable that moves the default runs folder.
 RUNS_DIR_ENV = "LSQ_RUNS_DIR"
 #: Statuses a run can be given; "incomplete" is only ever reported, never written.
-STATUSES = ("running", "complete", "failed", "stopped")
+STATUSES = RUN_STATUSES
 #: Version of the config.json layout, for readers of old runs.
 FORMAT_VERSION = 1
 
@@ -66,6 +68,35 @@ class RunInfo:
     model: str = ""
 
 
+class SavedState(Mapping[str, torch.Tensor]):
+    """The tensors of a ``.safetensors`` file, each read from disk only when asked for.
+
+    Opening a run does not read its checkpoint: ``safe_open`` reads the header for the names,
+    and a tensor's bytes when it is looked up.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self._keys = list(f.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _saved_state(path: Path) -> SavedState | None:
+    return SavedState(path) if path.is_file() else None
+
+
 @dataclass
 class LoadedRun:
     """A run read back from disk: its info, config, tables and (optional) tensors."""
@@ -73,14 +104,16 @@ class LoadedRun:
     info: RunInfo
     config: QuantConfig
     tables: dict[str, pd.DataFrame]
-    state: dict[str, torch.Tensor] | None
+    #: The ``state`` tensors, read lazily; None when the run saved none.
+    state: SavedState | None
     #: Other JSON documents written with ``Run.write_json``, by name.
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def read_state(self, name: str = "state") -> dict[str, torch.Tensor] | None:
-        """Tensors saved with ``Run.write_state(..., name=name)``; None if there are none."""
-        path = self.info.path / f"{_check_file_name(name, 'state', '.safetensors')}.safetensors"
-        return load_file(path) if path.is_file() else None
+    def read_state(self, name: str = "state") -> SavedState | None:
+        """Tensors saved with ``Run.write_state(..., name=name)`` (read lazily); None if none."""
+        return _saved_state(
+            self.info.path / f"{_check_file_name(name, 'state', '.safetensors')}.safetensors"
+        )
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -247,10 +280,10 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
-def _check_status(status: str) -> str:
+def _check_status(status: str) -> Status:
     if status not in STATUSES:
         raise LSQError(f"run status must be one of {', '.join(STATUSES)}; got {status!r}")
-    return status
+    return Status(status)
 
 
 # --------------------------------------------------------------------------- writing
@@ -267,7 +300,7 @@ class Run:
         self.path = Path(path)
         self.name = self.path.name
         self.started = started
-        self.status = "running"
+        self.status = Status.RUNNING
 
     @classmethod
     def create(
@@ -307,7 +340,7 @@ class Run:
         path = _make_unique_dir(base, stem)
         run = cls(path, started)
         _write_json_file(path / "config.json", doc, "the run's config")
-        run.set_status("running")
+        run.set_status(Status.RUNNING)
         return run
 
     def update_meta(self, **changes: object) -> None:
@@ -320,7 +353,7 @@ class Run:
     def set_status(self, status: str, message: str = "") -> None:
         """Rewrite status.json; any status but "running" also stamps the finish time."""
         self.status = _check_status(status)
-        finished = None if status == "running" else _now().isoformat(timespec="microseconds")
+        finished = None if status == Status.RUNNING else _now().isoformat(timespec="microseconds")
         doc = {
             "status": status,
             "message": str(message),
@@ -331,9 +364,9 @@ class Run:
         }
         _write_json_file(self.path / "status.json", doc, "the run's status")
 
-    def finish(self, status: str = "complete", message: str = "") -> None:
+    def finish(self, status: str = Status.COMPLETE, message: str = "") -> None:
         """Mark the run done: "complete", "failed" or "stopped"."""
-        if status == "running":
+        if status == Status.RUNNING:
             raise LSQError("finish() needs a final status: complete, failed or stopped")
         self.set_status(status, message)
 
@@ -383,14 +416,14 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.status != "running":
+        if self.status != Status.RUNNING:
             return
         if exc is None:
-            self.finish("complete")
+            self.finish(Status.COMPLETE)
         elif isinstance(exc, KeyboardInterrupt):
-            self.finish("stopped", "interrupted")
+            self.finish(Status.STOPPED, "interrupted")
         else:
-            self.finish("failed", f"{type(exc).__name__}: {exc}")
+            self.finish(Status.FAILED, f"{type(exc).__name__}: {exc}")
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r})"
@@ -463,7 +496,7 @@ def _read_info(path: Path) -> RunInfo | None:
     info = RunInfo(
         path=path,
         name=path.name,
-        status="incomplete",
+        status=Status.INCOMPLETE,
         config=doc["config"],
         meta=meta,
         started=str(doc.get("created", "")),
@@ -481,13 +514,13 @@ def _read_info(path: Path) -> RunInfo | None:
     except (OSError, ValueError) as exc:
         info.message = f"status.json cannot be read ({exc})"
         return info
-    info.status = str(st.get("status", "incomplete"))
+    info.status = str(st.get("status", Status.INCOMPLETE))
     info.message = str(st.get("message", ""))
     info.started = str(st.get("started") or info.started)
     info.finished = st.get("finished")
     same_host = st.get("host") in (None, socket.gethostname())
-    if info.status == "running" and same_host and not _pid_alive(st.get("pid")):
-        info.status = "incomplete"
+    if info.status == Status.RUNNING and same_host and not _pid_alive(st.get("pid")):
+        info.status = Status.INCOMPLETE
         info.message = (
             f"interrupted: the process that wrote it (pid {st.get('pid')}) is gone; "
             "everything saved before that is intact"
@@ -560,8 +593,7 @@ def load_run(path_or_name: str | Path, root: str | Path | None = None) -> Loaded
                 extras[file.stem] = _read_json(file)
             except (OSError, ValueError) as exc:
                 warnings.warn(f"skipping {file}: cannot be read ({exc})", stacklevel=2)
-    state_path = path / "state.safetensors"
-    state = load_file(state_path) if state_path.is_file() else None
+    state = _saved_state(path / "state.safetensors")
     return LoadedRun(info=info, config=config, tables=tables, state=state, extras=extras)
 
 
@@ -583,7 +615,7 @@ def delete_run(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             info = _read_info(path)
-        if info is not None and info.status == "running":
+        if info is not None and info.status == Status.RUNNING:
             raise LSQError(
                 f"run {path.name} is still running; stop it first, or pass force=True to delete it"
             )

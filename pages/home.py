@@ -42,4 +42,4 @@ if st.button("Run the default", type="primary"):
     )
     if job is not None:
         st.switch_page("pages/calibrate.py")
-show_job(job_manager().active(), "any")
+show_job(job_manager().active())

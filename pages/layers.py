@@ -3,21 +3,53 @@
 import streamlit as st
 
 from lsq import plots
-from lsq.explorer import layer_view, layers_frame, sensitivity_job
+from lsq.explorer import layer_view, layers_job, sensitivity_job
 from lsq.jobs import Job
-from ui import calibration_or_stop, job_manager, show_job, submit
+from lsq.status import Status
+from ui import comparison_or_stop, job_manager, latest_job, show_job, submit
 
 st.title("Per-layer error")
-manager = job_manager()
-calib = calibration_or_stop("")
-comp = calib.result
-train = manager.latest("train")
-version = (calib.id, train.id if train is not None else None, train.status if train else None)
-if st.session_state.get("layers_version") != version:
-    with st.spinner("Comparing every layer with the float model…"):
-        st.session_state["layers_df"] = layers_frame(comp)
-        st.session_state["layers_version"] = version
-df = st.session_state["layers_df"]
+comp = comparison_or_stop("")
+stages = comp.stages
+stage = stages[0]
+if len(stages) > 1:
+    stage = st.radio(
+        "Results",
+        stages,
+        index=len(stages) - 1,
+        format_func={"initialised": "right after init", "trained": "after training"}.get,
+        horizontal=True,
+        key="layers_stage",
+    )
+results = comp.results(stage)
+st.caption(" · ".join(f"{m}: {r.label}" for m, r in results.items()))
+params = {"calibration": comp.calibration, "comparison": comp.id, "stage": str(stage)}
+
+
+def measure() -> Job | None:
+    return submit(
+        Job("layers", f"Per-layer error ({stage})", {**params, "settings": comp.settings}),
+        lambda j: layers_job(j, comp, stage),
+    )
+
+
+job = latest_job("layers", comp, comparison=comp.id, stage=str(stage))
+if job is None:
+    job = measure()  # the first visit: measure, as a job with progress and Stop
+    if job is None:
+        st.info("The per-layer comparison starts once the running job has ended.")
+        show_job(job_manager().active())
+        st.stop()
+show_job(job)
+if job.active:
+    st.stop()
+if job.status != Status.DONE:
+    if st.button("Measure again"):
+        measure()
+        st.rerun()
+    if job.result is None or job.result.empty:
+        st.stop()
+df = job.result
 
 metric = st.radio(
     "Error measure",
@@ -36,18 +68,23 @@ st.caption("Sortable: click a column header. Lowest SQNR (worst) first for LSQ+.
 st.dataframe(wide, hide_index=True, key="table")
 
 layer = st.selectbox("Show a layer's input histogram and ranges", list(wide["layer"]))
-hist, grids, observed = layer_view(comp, layer)
+hist, grids, observed = layer_view(comp, layer, stage)
 st.plotly_chart(plots.histogram_figure(hist, grids, observed), key="hist")
 
 st.subheader("Where the error comes from")
-method = st.selectbox("Method", list(comp.results), key="sens_method")
+method = st.selectbox("Method", list(results), key="sens_method")
 if st.button("Measure sensitivity", help="quantize one group at a time, weights or activations"):
     submit(
-        Job("sensitivity", f"Sensitivity of {method}", {"method": method}),
-        lambda j: sensitivity_job(j, comp, method),
+        Job(
+            "sensitivity",
+            f"Sensitivity of {method} ({results[method].label})",
+            {**params, "method": method, "settings": comp.settings},
+        ),
+        lambda j: sensitivity_job(j, comp, method, stage),
     )
-sens = manager.latest("sensitivity")
-show_job(sens, "sensitivity")
-if sens is not None and sens.status == "done":
+sens = latest_job("sensitivity", comp, comparison=comp.id, stage=str(stage))
+show_job(sens)
+if sens is not None and sens.status == Status.DONE:
+    st.caption(sens.title)
     st.plotly_chart(plots.sensitivity_figure(sens.result), key="sens")
     st.dataframe(sens.result, hide_index=True)

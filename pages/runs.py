@@ -5,6 +5,7 @@ import streamlit as st
 
 from lsq.errors import LSQError
 from lsq.runs import list_runs, load_run
+from lsq.status import Status
 
 st.title("Saved runs")
 infos = list_runs()
@@ -26,7 +27,7 @@ rows = [
 ]
 table = pd.DataFrame(rows)
 st.dataframe(table, hide_index=True)
-incomplete = table[table.status == "incomplete"]
+incomplete = table[table.status == Status.INCOMPLETE]
 if len(incomplete):
     st.warning(
         f"{len(incomplete)} run(s) were interrupted (server stopped mid-run): marked incomplete."
@@ -77,7 +78,8 @@ for run in opened:
     if state.exists():
         st.download_button(
             "Checkpoint (safetensors)",
-            state.read_bytes(),
+            state.read_bytes,  # read only when the user asks for it
             file_name=f"{run.info.name}.safetensors",
             key=f"ckpt-{run.info.name}",
+            on_click="ignore",
         )

@@ -1,60 +1,83 @@
 """Train: a short QAT of the calibrated methods, with live curves and quantizer trajectories."""
 
+import dataclasses
+
 import streamlit as st
 
 from lsq import plots
 from lsq.errors import LSQError
 from lsq.explorer import events_frames, train_job
 from lsq.jobs import Job
-from lsq.train import TrainConfig
-from ui import calibration_or_stop, job_manager, show_job, submit
+from lsq.status import Status
+from lsq.train import OPTIMIZERS, TrainConfig
+from ui import comparison_or_stop, latest_job, show_job, show_metrics, submit
+
+#: The form's defaults: one home, ``TrainConfig``.
+DEFAULT = TrainConfig()
 
 st.title("Quantization-aware training")
-manager = job_manager()
-calib = calibration_or_stop(": training starts from the initialised ranges")
-comp = calib.result
+comp = comparison_or_stop(": training starts from the initialised ranges")
+methods_all = list(comp.initial)
 
 with st.form("train"):
     c1, c2, c3 = st.columns(3)
-    methods = c1.multiselect("Methods to train", list(comp.results), default=list(comp.results)[:2])
-    steps = c1.number_input("Steps", min_value=1, max_value=2000, value=20, step=5)
-    optimizer = c2.selectbox("Optimizer", ["adam", "sgd"])
-    batch = c2.number_input("Batch size", min_value=1, max_value=256, value=16)
-    lr_w = c3.number_input("LR weights", min_value=0.0, max_value=10.0, value=1e-5, format="%.1e")
+    methods = c1.multiselect("Methods to train", methods_all, default=methods_all[:2])
+    steps = c1.number_input("Steps", min_value=1, max_value=2000, value=DEFAULT.steps, step=5)
+    optimizer = c2.selectbox("Optimizer", OPTIMIZERS, index=OPTIMIZERS.index(DEFAULT.optimizer))
+    batch = c2.number_input("Batch size", min_value=1, max_value=256, value=DEFAULT.batch_size)
+    lr_w = c3.number_input(
+        "LR weights", min_value=0.0, max_value=10.0, value=DEFAULT.lr_weights, format="%.1e"
+    )
     lr_a = c3.number_input(
-        "LR activation scale/offset", min_value=0.0, max_value=10.0, value=3e-4, format="%.1e"
+        "LR activation scale/offset",
+        min_value=0.0,
+        max_value=10.0,
+        value=DEFAULT.lr_act_quant,
+        format="%.1e",
     )
     lr_wq = c3.number_input(
-        "LR weight scales", min_value=0.0, max_value=10.0, value=1e-5, format="%.1e"
+        "LR weight scales",
+        min_value=0.0,
+        max_value=10.0,
+        value=DEFAULT.lr_weight_quant,
+        format="%.1e",
+    )
+    resume = c2.checkbox(
+        "Continue the trained runs",
+        help="Off: every training starts from the initialised ranges (a new, independent run). "
+        "On: methods already trained continue from where their last run ended.",
     )
     go = st.form_submit_button("Train", type="primary")
 
 if go:
     try:
-        cfg = TrainConfig(
+        cfg = dataclasses.replace(
+            DEFAULT,
             steps=int(steps),
             batch_size=int(batch),
             optimizer=optimizer,
             lr_weights=float(lr_w),
             lr_act_quant=float(lr_a),
             lr_weight_quant=float(lr_wq),
-            eval_every=max(1, int(steps) // 10),
             device=comp.settings.device,
         )
         if not methods:
             raise LSQError("choose at least one method to train")
+        params = {"methods": methods, "calibration": comp.calibration, "settings": comp.settings}
         submit(
-            Job("train", f"Training {', '.join(methods)}", {"methods": methods}),
-            lambda j: train_job(j, comp, methods, cfg),
+            Job("train", f"Training {', '.join(methods)}", params),
+            lambda j: train_job(j, comp, methods, cfg, continue_trained=resume),
         )
     except LSQError as e:
         st.error(str(e))
 
-job = manager.latest("train")
+job = latest_job("train", comp)
 if job is None:
-    st.info("Choose methods and steps, then press Train.")
+    st.info(
+        "Every method is initialised, none trained yet. Choose methods and steps, then press Train."
+    )
     st.stop()
-layers = list(next(iter(comp.results.values())).init_frame()["name"])
+layers = list(comp.initial[methods_all[0]].init_frame()["name"])
 layer = st.selectbox(
     "Layer whose scale and offset to follow", layers, index=min(1, len(layers) - 1)
 )
@@ -68,6 +91,7 @@ def draw() -> None:
     st.plotly_chart(plots.trajectory_figure(traj, layer), key="traj")
 
 
+st.subheader(job.title)
 if job.active:
 
     @st.fragment(run_every=1.0)
@@ -84,8 +108,11 @@ if job.active:
 
     live()
 else:
-    show_job(job, "train")
-    if job.status == "done":
+    show_job(job)
+    shown = job.result if job.result is not None else comp
+    if job.status == Status.DONE:
         st.success(f"{job.title} finished in {job.elapsed:.0f} s; saved as runs (Runs page).")
-        st.dataframe(comp.metrics_frame("final"), hide_index=True)
+    if job.result is not None:
+        st.caption("Each method after its latest training; methods not trained: right after init.")
+        show_metrics(shown.metrics_frame("trained"))
     draw()

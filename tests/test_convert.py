@@ -9,7 +9,7 @@ from torch import nn
 
 from lsq import LSQError, make_config, quantize_model
 from lsq.calibrate import calibrate
-from lsq.convert import QuantLayer, float_mode, fold_batchnorm, quant_layers, set_quantization
+from lsq.convert import QuantLayer, float_mode, fold_batchnorm, quant_layers, quantizers, switched
 
 
 def count_targets(model):
@@ -43,9 +43,32 @@ def test_quantizers_off_gives_identical_outputs():
         quantized = model(x)
     assert torch.equal(got, expected)
     assert not torch.equal(quantized, expected)
-    set_quantization(model, weights=False, acts=False)
     with torch.no_grad():
-        assert torch.equal(model(x), expected)
+        assert torch.equal(model(x), quantized)  # float_mode switched everything back on
+        with switched(quantizers(model), False):
+            assert torch.equal(model(x), expected)
+
+
+def test_switched_restores_switches_and_removes_hooks_even_on_an_error():
+    model = timm.create_model("resnet10t", pretrained=False).eval()
+    quantize_model(model, make_config("lsq+", 4, 4))
+    layers = quant_layers(model)
+    first = next(iter(layers.values()))
+    first.weight_quant.enabled = False  # a switch that was already off stays off
+    before = [q.enabled for q in quantizers(model)]
+    assert True in before and False in before
+    seen = []
+    hooks = [(first, lambda m, i: seen.append(1), True)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with switched(quantizers(model), False, hooks=hooks):
+            assert not any(q.enabled for q in quantizers(model))
+            model(torch.zeros(1, 3, 32, 32))
+            raise RuntimeError("boom")
+    assert seen == [1]
+    assert [q.enabled for q in quantizers(model)] == before
+    with float_mode(model):
+        model(torch.zeros(1, 3, 32, 32))
+    assert seen == [1], "the hook was removed"
 
 
 def test_first_and_last_layers_default_to_8_bits():

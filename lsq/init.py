@@ -106,11 +106,16 @@ def minmax_init(
         s = max((hi - lo) / (qmax - qmin), SCALE_FLOOR)
         scale, offset = torch.tensor(s), torch.tensor(lo - qmin * s)
     else:
-        s = hi / qmax if qmax > 0 else 0.0
-        if qmin < 0:
-            s = max(s, lo / qmin)
-        scale, offset = torch.tensor(max(s, SCALE_FLOOR)), None
+        scale, offset = torch.tensor(max(_no_clip_scale(lo, hi, qmin, qmax), SCALE_FLOOR)), None
     return _result(x, scale, offset, qmin, qmax, False)
+
+
+def _no_clip_scale(lo: float, hi: float, qmin: int, qmax: int) -> float:
+    """The smallest scale of a symmetric grid [qmin, qmax] * s that clips nothing of [lo, hi] on
+    the side(s) the grid has (0 when no side can hold the data)."""
+    above = hi / qmax if qmax > 0 and hi > 0 else 0.0
+    below = lo / qmin if qmin < 0 and lo < 0 else 0.0
+    return max(above, below)
 
 
 def _result(
@@ -124,10 +129,34 @@ def _result(
 
 
 # --- MSE search for activations -----------------------------------------------------------------
-def _hist_mse(
-    centers: Tensor, counts: Tensor, s: Tensor, b: Tensor, qmin: int, qmax: int
-) -> Tensor:
+# The search scores candidate grids on a histogram of x: first a coarse grid of candidates on
+# a histogram with COARSE_BIN_FACTOR times fewer bins, then rounds that zoom in on the best one,
+# on the fine histogram.
+COARSE_BIN_FACTOR = 8
+#: Asymmetric grids: clip a share a of the range below and b above. The coarse candidates are
+#: a, b = MAX_CLIP * u^2 for ASYM_POINTS values of u in [0, 1] (dense near 0, where the optimum
+#: usually is); each zoom round tries ASYM_ZOOM_POINTS values of a and of b within one step of the
+#: best, then narrows the step ASYM_ZOOM_SHRINK times.
+ASYM_POINTS = 48
+MAX_CLIP = 0.98
+MAX_CLIP_SUM = 0.999  # a + b below this: the grid keeps some width
+ASYM_ZOOM_ROUNDS = 4
+ASYM_ZOOM_POINTS = 13
+ASYM_ZOOM_SHRINK = 6
+#: Symmetric grids: the scale is a share t of the scale that clips nothing, t in
+#: (0, 1] on SYM_POINTS values, then SYM_ZOOM_ROUNDS rounds of SYM_ZOOM_POINTS around the best.
+SYM_POINTS = 512
+SYM_ZOOM_ROUNDS = 3
+SYM_ZOOM_POINTS = 17
+SYM_ZOOM_SHRINK = 8
+SYM_MIN_SHARE = 1e-6
+
+_Hist = tuple[Tensor, Tensor]  # (value of each occupied bin, its count), float32
+
+
+def _hist_mse(hist: _Hist, s: Tensor, b: Tensor, qmin: int, qmax: int) -> Tensor:
     """Histogram estimate of the quantization MSE for K candidate (s, b) pairs at once."""
+    centers, counts = hist
     total = counts.sum()
     out = torch.empty_like(s)
     chunk = max(1, 2**22 // centers.numel())
@@ -140,6 +169,76 @@ def _hist_mse(
 
 def _grid(lo: float, hi: float, n: int, dtype: torch.dtype) -> Tensor:
     return torch.linspace(lo, hi, n, dtype=dtype)
+
+
+def _histograms(x: Tensor, lo: float, width: float, bins: int) -> tuple[_Hist, _Hist]:
+    """(coarse, fine) histograms of x over [lo, lo + width], keeping only occupied bins.
+
+    Each bin is represented by the mean of its values (not its centre): a spike of exact values,
+    such as ReLU's zeros or ReLU6's sixes, then sits where it really is.
+    """
+    idx = ((x - lo) * (bins / width)).long().clamp_(0, bins - 1)
+    fine = (torch.bincount(idx, minlength=bins).double(), torch.bincount(idx, x, minlength=bins))
+    coarse = (
+        tuple(t.view(-1, COARSE_BIN_FACTOR).sum(1) for t in fine)
+        if bins % COARSE_BIN_FACTOR == 0
+        else fine
+    )
+
+    def occupied(counts: Tensor, sums: Tensor) -> _Hist:
+        keep = counts > 0
+        return (sums[keep] / counts[keep]).float(), counts[keep].float()
+
+    return occupied(*coarse), occupied(*fine)
+
+
+def _search_asymmetric(
+    coarse: _Hist, fine: _Hist, lo: float, width: float, qmin: int, qmax: int
+) -> tuple[Tensor, Tensor]:
+    """(scale, offset) of the asymmetric grid with the least histogram MSE."""
+    levels = qmax - qmin
+    dtype = torch.float64
+
+    def evaluate(a: Tensor, b: Tensor, hist: _Hist) -> tuple[Tensor, Tensor, Tensor]:
+        aa, bb = (t.reshape(-1) for t in torch.meshgrid(a, b, indexing="ij"))
+        keep = aa + bb < MAX_CLIP_SUM
+        aa, bb = aa[keep], bb[keep]
+        s = width * (1 - aa - bb) / levels
+        off = lo + aa * width - qmin * s
+        return s, off, _hist_mse(hist, s.float(), off.float(), qmin, qmax)
+
+    shares = _grid(0, 1, ASYM_POINTS, dtype) ** 2 * MAX_CLIP
+    s, off, err = evaluate(shares, shares, coarse)
+    step = MAX_CLIP / (ASYM_POINTS - 1)
+    for _ in range(ASYM_ZOOM_ROUNDS):
+        best = int(err.argmin())
+        a0 = float((off[best] + qmin * s[best] - lo) / width)
+        b0 = float(1 - a0 - s[best] * levels / width)
+        around = _grid(-step, step, ASYM_ZOOM_POINTS, dtype)
+        a = (a0 + around).clamp(0, MAX_CLIP_SUM)
+        b = (b0 + around).clamp(0, MAX_CLIP_SUM)
+        s, off, err = evaluate(a, b, fine)
+        step /= ASYM_ZOOM_SHRINK
+    best = int(err.argmin())
+    return s[best], off[best]
+
+
+def _search_symmetric(coarse: _Hist, fine: _Hist, s_max: float, qmin: int, qmax: int) -> Tensor:
+    """The scale of the symmetric grid (offset 0) with the least histogram MSE."""
+    dtype = torch.float64
+
+    def evaluate(t: Tensor, hist: _Hist) -> tuple[Tensor, Tensor]:
+        s = t * s_max
+        return s, _hist_mse(hist, s.float(), torch.zeros_like(s).float(), qmin, qmax)
+
+    step = 1 / SYM_POINTS
+    s, err = evaluate(_grid(step, 1, SYM_POINTS, dtype), coarse)
+    for _ in range(SYM_ZOOM_ROUNDS):
+        t0 = float(s[int(err.argmin())] / s_max)
+        around = _grid(-step, step, SYM_ZOOM_POINTS, dtype)
+        s, err = evaluate((t0 + around).clamp_min(SYM_MIN_SHARE), fine)
+        step /= SYM_ZOOM_SHRINK
+    return s[int(err.argmin())]
 
 
 def mse_init(
@@ -155,10 +254,10 @@ def mse_init(
     """LSQ+ activation init: (scale, offset) minimising ||x_hat - x||^2.
 
     A vectorised search over clipping ranges on a fine histogram of ``x``: a coarse grid, then
-    three rounds of zooming in on the best cell. Asymmetric quantizers search (low, high); symmetric
-    ones search the scale alone. ``refine_steps`` > 0 continues with Adam on (scale, offset) over
-    ``x`` itself, the paper's gradient-descent variant, keeping the better of the two. ``x`` may be
-    a sample of the data; ``lo``/``hi`` give the true min/max then.
+    rounds of zooming in on the best candidate. Asymmetric quantizers search (low, high);
+    symmetric ones search the scale alone. ``refine_steps`` > 0 continues with ``refine_init``
+    (the paper's gradient-descent variant), keeping the better of the two. ``x`` may be a sample
+    of the data; ``lo``/``hi`` give the true min/max then.
     """
     x = x.detach().reshape(-1).double()
     if x.numel() == 0:
@@ -168,81 +267,29 @@ def mse_init(
     width = hi - lo
     if width <= 0 or not math.isfinite(width):
         return minmax_init(x.float(), qmin, qmax, asymmetric, lo, hi)
-    # Each bin is represented by the mean of its values (not its centre): a spike of exact
-    # values, such as ReLU's zeros or ReLU6's sixes, then sits where it really is.
-    idx = ((x - lo) * (bins / width)).long().clamp_(0, bins - 1)
-    fine = (torch.bincount(idx, minlength=bins).double(), torch.bincount(idx, x, minlength=bins))
-    # The coarse grid of candidates scores on a coarser histogram (8x fewer bins); the zoom
-    # rounds, where the candidates are close together, on the fine one.
-    coarse = tuple(t.view(-1, 8).sum(1) for t in fine) if bins % 8 == 0 else fine
+    s_max = _no_clip_scale(lo, hi, qmin, qmax)
+    if not asymmetric and s_max <= 0:  # unsigned grid, all values <= 0: everything maps to 0
+        return minmax_init(x.float(), qmin, qmax, False, lo, hi)
 
-    def occupied(hist: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        counts, sums = hist
-        keep = counts > 0
-        return (sums[keep] / counts[keep]).float(), counts[keep].float()
-
-    hist_coarse, hist_fine = occupied(coarse), occupied(fine)
-    levels = qmax - qmin
-
+    coarse, fine = _histograms(x, lo, width, bins)
     if asymmetric:
-        # Candidates: clip a fraction a of the range below and b above (a + b < 1).
-        def evaluate(a: Tensor, b: Tensor, hist: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
-            aa, bb = torch.meshgrid(a, b, indexing="ij")
-            aa, bb = aa.reshape(-1), bb.reshape(-1)
-            ok = aa + bb < 0.999
-            aa, bb = aa[ok], bb[ok]
-            s = (width * (1 - aa - bb)) / levels
-            off = lo + aa * width - qmin * s
-            return s, off, _hist_mse(*hist, s.float(), off.float(), qmin, qmax)
-
-        a = b = _grid(0, 1, 48, x.dtype) ** 2 * 0.98
-        step = 0.98 / 47
-        s, off, err = evaluate(a, b, hist_coarse)
-        best = int(err.argmin())
-        for _ in range(4):
-            a0 = float((off[best] + qmin * s[best] - lo) / width)
-            b0 = float(1 - a0 - s[best] * levels / width)
-            a = (a0 + _grid(-step, step, 13, x.dtype)).clamp(0, 0.999)
-            b = (b0 + _grid(-step, step, 13, x.dtype)).clamp(0, 0.999)
-            s, off, err = evaluate(a, b, hist_fine)
-            best = int(err.argmin())
-            step /= 6
-        scale, offset = s[best], off[best]
+        scale, offset = _search_asymmetric(coarse, fine, lo, width, qmin, qmax)
+        offset = offset.float()
     else:
-        # Candidates: a fraction t of the scale that clips nothing.
-        s_max = hi / qmax if hi > 0 else 0.0
-        if qmin < 0:
-            s_max = max(s_max, lo / qmin)
-        if s_max <= 0:  # unsigned grid, all values <= 0: everything maps to 0
-            return minmax_init(x.float(), qmin, qmax, False, lo, hi)
-
-        def evaluate_t(t: Tensor, hist: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-            s = t * s_max
-            return s, _hist_mse(*hist, s.float(), torch.zeros_like(s).float(), qmin, qmax)
-
-        t = _grid(1 / 512, 1, 512, x.dtype)
-        step = 1 / 512
-        s, err = evaluate_t(t, hist_coarse)
-        best = int(err.argmin())
-        for _ in range(3):
-            t0 = float(s[best] / s_max)
-            s, err = evaluate_t((t0 + _grid(-step, step, 17, x.dtype)).clamp_min(1e-6), hist_fine)
-            best = int(err.argmin())
-            step /= 8
-        scale, offset = s[best], None
-
-    result = _result(
-        x.float(), scale.float(), None if offset is None else offset.float(), qmin, qmax, False
-    )
+        scale, offset = _search_symmetric(coarse, fine, s_max, qmin, qmax), None
+    result = _result(x.float(), scale.float(), offset, qmin, qmax, False)
     if refine_steps > 0:
-        refined = _refine(x.float(), result, qmin, qmax, refine_steps)
+        refined = refine_init(x.float(), result, qmin, qmax, refine_steps)
         if refined.mse < result.mse:
             result = refined
     return result
 
 
-def _refine(x: Tensor, start: InitResult, qmin: int, qmax: int, steps: int) -> InitResult:
-    """Adam on (scale, offset) against the MSE, with LSQ's gradients; keeps the best step."""
+def refine_init(x: Tensor, start: InitResult, qmin: int, qmax: int, steps: int) -> InitResult:
+    """The paper's MSE init by gradient descent: Adam on (scale, offset) from ``start``.
+
+    The gradients are LSQ's (straight-through round); returns the step with the least MSE.
+    """
     s = start.scale.clone().requires_grad_(True)
     params = [s]
     b = None

@@ -15,8 +15,9 @@ from lsq.init import (
     mse_init,
     mse_weight_init,
     quant_mse,
+    refine_init,
 )
-from lsq.quantizers import SCALE_FLOOR, Quantizer, int_range
+from lsq.quantizers import SCALE_FLOOR, Quantizer, fake_quantize, int_range
 
 
 def test_lsq_init_hand_computed():
@@ -64,10 +65,15 @@ def test_minmax_init_hand_computed():
     assert float(u.scale) == pytest.approx(1.0)
 
 
-def test_maxabs_clips_nothing():
-    w = torch.randn(5, 10)
+def test_maxabs_clips_nothing_hand_computed():
+    # Channel 0: the largest magnitude is negative, -2.54 -> -2.54 / 127 = 0.02.
+    w = torch.tensor([[0.5, -2.54, 1.0], [0.127, 0.0, -0.1]])
     r = maxabs_init(w, -128, 127)
-    torch.testing.assert_close(r.scale, w.abs().amax(1) / 127)
+    torch.testing.assert_close(r.scale, torch.tensor([0.02, 0.001]))
+    # The largest magnitude of each channel sits exactly on the grid's edge: nothing is clipped.
+    q = fake_quantize(w, r.scale[:, None], None, -128, 127)
+    assert float(q[0, 1]) == pytest.approx(-2.54) and float(q[1, 0]) == pytest.approx(0.127)
+    assert float(maxabs_init(w, -8, 7, per_channel=False).scale) == pytest.approx(2.54 / 7)
 
 
 def brute_force_asymmetric(x, qmin, qmax, n=120):
@@ -131,11 +137,30 @@ def test_symmetric_mse_init_matches_brute_force(bits):
     assert r.mse < float(quant_mse(x, torch.tensor(s_max), None, qmin, qmax))
 
 
-def test_mse_refinement_never_worsens_and_sample_bounds_are_respected():
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gradient_refinement_reaches_the_search_optimum_from_minmax(bits):
+    """The paper's variant (gradient descent on the MSE) from the min/max grid, which clips
+    nothing and is far from the optimum, gets most of the way to what the search finds."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.silu(torch.randn(4000, generator=gen) * 2)
+    qmin, qmax = int_range(bits, signed=False)
+    start = minmax_init(x, qmin, qmax, asymmetric=True)
+    refined = refine_init(x, start, qmin, qmax, steps=50)
+    searched = mse_init(x, qmin, qmax, asymmetric=True)
+    assert refined.mse < 0.8 * start.mse
+    assert refined.mse < 1.15 * searched.mse
+    assert float(refined.scale) < float(start.scale)  # the optimum clips the long right tail
+    assert refined.mse == pytest.approx(
+        float(quant_mse(x, refined.scale, refined.offset, qmin, qmax)), rel=1e-5
+    )
+
+
+def test_mse_init_with_refinement_reports_its_own_mse_and_respects_sample_bounds():
     x = torch.nn.functional.silu(torch.randn(4000, generator=torch.Generator().manual_seed(3)))
-    plain = mse_init(x, 0, 7, asymmetric=True)
     refined = mse_init(x, 0, 7, asymmetric=True, refine_steps=20)
-    assert refined.mse <= plain.mse
+    assert refined.mse == pytest.approx(
+        float(quant_mse(x, refined.scale, refined.offset, 0, 7)), rel=1e-5
+    )
     # A true maximum far outside the sample widens the search (the sample missed the outlier).
     wide = mse_init(x, 0, 255, asymmetric=True, lo=-0.3, hi=50.0)
     assert math.isfinite(wide.mse)

@@ -62,9 +62,13 @@ def test_cli_run_and_compare_smoke(tmp_path, capsys):
     [
         (["run", "--w-bits", "9"], "bits must be from 2 to 8"),
         (["run", "--a-bits", "1"], "bits must be from 2 to 8"),
-        (["run", "--steps", "-1"], "--steps must be 0 or more"),
+        (["run", "--steps", "-1"], "--steps must be"),
         (["run", "--calib", "0"], "calib_views must be"),
-        (["run", "--model", "resnet_typo_xx"], "resnet"),
+        # A typo is answered with the name it missed (not a word already in the echoed input).
+        (
+            ["run", "--model", "resnt18"],
+            "Unknown timm architecture 'resnt18'. Did you mean: resnet18,",
+        ),
         (["compare", "--methods", "lsq+,nope"], "unknown method"),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -334,159 +335,216 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+@dataclass(frozen=True)
+class Grid:
+    """A method's quantization grid on one layer's input: its levels and its clipping range.
+
+    ``levels`` may be any array-like (list, NumPy, tensor); it is kept as a tuple of its finite
+    values. ``lo``/``hi`` are NaN when unknown (nothing is shaded then).
+    """
+
+    levels: tuple[float, ...] = ()
+    lo: float = math.nan
+    hi: float = math.nan
+
+    def __post_init__(self) -> None:
+        values = np.asarray(self.levels, dtype=float).ravel()
+        object.__setattr__(self, "levels", tuple(float(v) for v in values if math.isfinite(v)))
+        object.__setattr__(self, "lo", _float_or_nan(self.lo))
+        object.__setattr__(self, "hi", _float_or_nan(self.hi))
+
+    @classmethod
+    def from_dict(cls, grid: Grid | Mapping[str, Any]) -> Grid:
+        """A Grid from ``{"levels", "lo", "hi"}`` (missing keys: none / unknown), or as it is."""
+        if isinstance(grid, Grid):
+            return grid
+        return cls(grid.get("levels", ()), grid.get("lo", math.nan), grid.get("hi", math.nan))
+
+    def bounds(self) -> list[float]:
+        """The finite ones of lo and hi."""
+        return [v for v in (self.lo, self.hi) if math.isfinite(v)]
+
+
+def _float_or_nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class _YSpan:
+    """The count axis: vertical lines and bands run from ``bottom`` to ``top``."""
+
+    bottom: float
+    top: float
+    log: bool
+
+    @property
+    def axis_range(self) -> list[float]:
+        if self.log:
+            return [math.log10(self.bottom), math.log10(self.top)]
+        return [self.bottom, self.top]
+
+
+def _histogram_data(hist: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The bins with finite edges and counts (negative counts as 0); None when there are none."""
+    data = _clean(hist, ["left", "right", "count"])
+    if data is None:
+        return None
+    data = _finite(data, ["left", "right", "count"])
+    return None if data.empty else data.assign(count=data["count"].clip(lower=0.0))
+
+
+def _x_extent(
+    data: pd.DataFrame | None, grids: Mapping[str, Grid], observed: Sequence[float]
+) -> tuple[float, float] | None:
+    """Everything that is drawn along x, with a 3 % margin; None when nothing is."""
+    xs = [v for g in grids.values() for v in (*g.levels, *g.bounds())] + list(observed)
+    if data is not None:
+        xs += [float(data["left"].min()), float(data["right"].max())]
+    if not xs:
+        return None
+    lo, hi = min(xs), max(xs)
+    pad = 0.03 * (hi - lo) if hi > lo else 1.0
+    return lo - pad, hi + pad
+
+
+def _y_span(counts: np.ndarray, log_y: bool) -> _YSpan:
+    """On a log axis from half the smallest non-zero count to twice the largest; else from 0."""
+    positive = counts[counts > 0]
+    if log_y:
+        if not positive.size:
+            return _YSpan(0.5, 10.0, True)
+        return _YSpan(float(positive.min()) / 2, float(positive.max()) * 2, True)
+    return _YSpan(0.0, float(counts.max()) * 1.05 if positive.size else 1.0, False)
+
+
+def _histogram_bars(data: pd.DataFrame) -> go.Bar:
+    counts = data["count"].to_numpy(dtype=float)
+    total = counts.sum()
+    text = [
+        f"[{_fmt(a)}, {_fmt(b)}): {c:g} ({c / total:.3%})" if total > 0 else f"{c:g}"
+        for a, b, c in zip(data["left"], data["right"], counts, strict=True)
+    ]
+    return go.Bar(
+        x=(data["left"] + data["right"]).to_numpy() / 2,
+        y=counts,
+        width=(data["right"] - data["left"]).to_numpy(),
+        name="input histogram",
+        marker={"color": "#A0A0A0", "line": {"width": 0}},
+        hovertext=text,
+        hoverinfo="text",
+    )
+
+
+def _clip_band(method: str, grid: Grid, data: pd.DataFrame, y: _YSpan) -> go.Scatter | None:
+    """The data a grid clips, shaded, with the clipped share below/above in its legend entry.
+
+    Only the part of the axis where there is data is shaded, so a range wider than the data
+    leaves the figure clear (None: nothing to shade).
+    """
+    d_lo, d_hi = float(data["left"].min()), float(data["right"].max())
+    boxes = []
+    if math.isfinite(grid.lo) and grid.lo > d_lo:
+        boxes.append((d_lo, min(grid.lo, d_hi)))
+    if math.isfinite(grid.hi) and grid.hi < d_hi:
+        boxes.append((max(grid.hi, d_lo), d_hi))
+    if not boxes:
+        return None
+    x: list = []
+    yy: list = []
+    for a, b in boxes:
+        x += [a, b, b, a, a, None]
+        yy += [y.bottom, y.bottom, y.top, y.top, y.bottom, None]
+    below, above = clipped_mass(data, grid.lo, grid.hi)
+    color = method_color(method)
+    return go.Scatter(
+        x=x,
+        y=yy,
+        mode="lines",
+        fill="toself",
+        fillcolor=_rgba(color, 0.12),
+        line={"color": color, "width": 1.5, "dash": "dash"},
+        name=f"clipped by {method}: {below:.2%} below, {above:.2%} above",
+        legendgroup=method,
+        hovertext=(
+            f"clipped by {method}: [{_fmt(grid.lo)}, {_fmt(grid.hi)}]<br>"
+            f"{below:.3%} of the mass below, {above:.3%} above"
+        ),
+        hoverinfo="text",
+        hoveron="fills",
+    )
+
+
+def _vertical_lines(
+    xs: Sequence[float], texts: Sequence[str], y: _YSpan, name: str, line: dict, **kwargs: Any
+) -> go.Scatter:
+    """One trace of vertical lines across the count axis, one per x, each with its hover text."""
+    x, yy, t = _segments([(v, v) for v in xs], [(y.bottom, y.top)] * len(xs), texts)
+    return go.Scatter(
+        x=x, y=yy, mode="lines", name=name, line=line, hovertext=t, hoverinfo="text", **kwargs
+    )
+
+
+def _level_lines(method: str, grid: Grid, y: _YSpan) -> go.Scatter:
+    n = len(grid.levels)
+    return _vertical_lines(
+        grid.levels,
+        [f"{method} level {k + 1}/{n}: {_fmt(v)}" for k, v in enumerate(grid.levels)],
+        y,
+        f"{method}: {n} levels",
+        {"color": method_color(method), "width": 2.0 if method == PROMINENT else 1.2},
+        legendgroup=method,
+        opacity=0.85,
+    )
+
+
 def histogram_figure(
     hist: pd.DataFrame,
-    grids: Mapping[str, Mapping[str, Any]],
+    grids: Mapping[str, Grid | Mapping[str, Any]],
     observed: tuple[float, float] | None = None,
     log_y: bool = True,
     title: str = "Layer input: histogram and quantization grid",
 ) -> go.Figure:
     """A layer's input histogram with each method's quantization levels and clipped regions.
 
-    ``hist``: columns left, right, count. ``grids``: method -> {"levels", "lo", "hi"}. Each
-    method's legend entry for its shaded clipped region gives the mass clipped below/above
-    (``clipped_mass``). ``observed``: optional (min, max) drawn as dotted black lines.
+    ``hist``: columns left, right, count. ``grids``: method -> ``Grid`` (or the same as a dict
+    ``{"levels", "lo", "hi"}``). Each method's legend entry for its shaded clipped region gives
+    the share of the data clipped below/above (``clipped_mass``). ``observed``: optional
+    (min, max) drawn as dotted black lines.
     """
-    data = _clean(hist, ["left", "right", "count"])
-    if data is not None:
-        data = _finite(data, ["left", "right", "count"])
-        data = data.assign(count=data["count"].clip(lower=0.0))
-    has_hist = data is not None and not data.empty
+    data = _histogram_data(hist)
     methods = _ordered_methods(grids or {})
-    if not has_hist and not methods:
-        return empty_figure(title)
-
-    # x extent: everything that is drawn, with a small margin.
-    xs: list[float] = []
-    if has_hist:
-        xs += [float(data["left"].min()), float(data["right"].max())]
-    grid_data: dict[str, tuple[np.ndarray, float, float]] = {}
-    for method in methods:
-        g = grids[method]
-        levels = np.asarray(g.get("levels", []), dtype=float).ravel()
-        levels = levels[np.isfinite(levels)]
-        lo, hi = float(g.get("lo", math.nan)), float(g.get("hi", math.nan))
-        grid_data[method] = (levels, lo, hi)
-        xs += [*levels.tolist(), *(v for v in (lo, hi) if math.isfinite(v))]
+    typed = {m: Grid.from_dict(grids[m]) for m in methods}
     obs = [
         (name, float(v))
         for name, v in zip(("min", "max"), observed or (), strict=False)
         if v is not None and math.isfinite(float(v))
     ]
-    xs += [v for _, v in obs]
-    if not xs:
+    x_range = _x_extent(data, typed, [v for _, v in obs])
+    if x_range is None:
         return empty_figure(title)
-    x_min, x_max = min(xs), max(xs)
-    pad = 0.03 * (x_max - x_min) if x_max > x_min else 1.0
-    x_min, x_max = x_min - pad, x_max + pad
-
-    # y extent: lines span it; on a log axis it starts below the smallest non-zero count.
-    counts = data["count"].to_numpy(dtype=float) if has_hist else np.zeros(0)
-    positive = counts[counts > 0]
-    if log_y:
-        y_bot = float(positive.min()) / 2 if positive.size else 0.5
-        y_top = float(positive.max()) * 2 if positive.size else 10.0
-        y_range = [math.log10(y_bot), math.log10(y_top)]
-    else:
-        y_bot, y_top = 0.0, (float(counts.max()) * 1.05 if positive.size else 1.0)
-        y_range = [y_bot, y_top]
+    y = _y_span(data["count"].to_numpy(dtype=float) if data is not None else np.zeros(0), log_y)
 
     fig = go.Figure()
-    if has_hist:
-        total = counts.sum()
-        text = [
-            f"[{_fmt(a)}, {_fmt(b)}): {c:g} ({c / total:.3%})" if total > 0 else f"{c:g}"
-            for a, b, c in zip(data["left"], data["right"], counts, strict=True)
-        ]
-        fig.add_trace(
-            go.Bar(
-                x=(data["left"] + data["right"]).to_numpy() / 2,
-                y=counts,
-                width=(data["right"] - data["left"]).to_numpy(),
-                name="input histogram",
-                marker={"color": "#A0A0A0", "line": {"width": 0}},
-                hovertext=text,
-                hoverinfo="text",
-            )
-        )
-
-    for method in methods:
-        levels, lo, hi = grid_data[method]
-        color = method_color(method)
-        if has_hist and (math.isfinite(lo) or math.isfinite(hi)):
-            below, above = clipped_mass(data, lo, hi)
-            bx: list = []
-            by: list = []
-            # Shade only where there is data to clip, so ranges wider than the data stay clear.
-            d_lo, d_hi = float(data["left"].min()), float(data["right"].max())
-            if math.isfinite(lo) and lo > d_lo:
-                edge = min(lo, d_hi)
-                bx += [d_lo, edge, edge, d_lo, d_lo, None]
-                by += [y_bot, y_bot, y_top, y_top, y_bot, None]
-            if math.isfinite(hi) and hi < d_hi:
-                edge = max(hi, d_lo)
-                bx += [edge, d_hi, d_hi, edge, edge, None]
-                by += [y_bot, y_bot, y_top, y_top, y_bot, None]
-            if bx:
-                fig.add_trace(
-                    go.Scatter(
-                        x=bx,
-                        y=by,
-                        mode="lines",
-                        fill="toself",
-                        fillcolor=_rgba(color, 0.12),
-                        line={"color": color, "width": 1.5, "dash": "dash"},
-                        name=f"clipped by {method}: {below:.2%} below, {above:.2%} above",
-                        legendgroup=method,
-                        hovertext=(
-                            f"clipped by {method}: [{_fmt(lo)}, {_fmt(hi)}]<br>"
-                            f"{below:.3%} of the mass below, {above:.3%} above"
-                        ),
-                        hoverinfo="text",
-                        hoveron="fills",
-                    )
-                )
-        if levels.size:
-            n = len(levels)
-            x, y, t = _segments(
-                [(v, v) for v in levels],
-                [(y_bot, y_top)] * n,
-                [f"{method} level {k + 1}/{n}: {_fmt(v)}" for k, v in enumerate(levels)],
-            )
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=y,
-                    mode="lines",
-                    name=f"{method}: {n} levels",
-                    legendgroup=method,
-                    line={"color": color, "width": 2.0 if method == PROMINENT else 1.2},
-                    opacity=0.85,
-                    hovertext=t,
-                    hoverinfo="text",
-                )
-            )
-
+    if data is not None:
+        fig.add_trace(_histogram_bars(data))
+    for method, grid in typed.items():
+        band = _clip_band(method, grid, data, y) if data is not None else None
+        if band is not None:
+            fig.add_trace(band)
+        if grid.levels:
+            fig.add_trace(_level_lines(method, grid, y))
     if obs:
-        x, y, t = _segments(
-            [(v, v) for _, v in obs],
-            [(y_bot, y_top)] * len(obs),
-            [f"observed {name} {_fmt(v)}" for name, v in obs],
-        )
         fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=y,
-                mode="lines",
-                name="observed min / max",
-                line={"color": "black", "width": 2, "dash": "dot"},
-                hovertext=t,
-                hoverinfo="text",
+            _vertical_lines(
+                [v for _, v in obs],
+                [f"observed {name} {_fmt(v)}" for name, v in obs],
+                y,
+                "observed min / max",
+                {"color": "black", "width": 2, "dash": "dot"},
             )
         )
-
-    fig.update_xaxes(range=[x_min, x_max])
-    fig.update_yaxes(type="log" if log_y else "linear", range=y_range)
+    fig.update_xaxes(range=list(x_range))
+    fig.update_yaxes(type="log" if log_y else "linear", range=y.axis_range)
     fig.update_layout(bargap=0, hovermode="closest", legend={"groupclick": "togglegroup"})
     return _style(fig, title, "input value", "count (log scale)" if log_y else "count")
 

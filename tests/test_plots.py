@@ -1,5 +1,6 @@
 """lsq.plots: every figure on small synthetic frames, empty input, NaN and inf."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from lsq.plots import (
     METHOD_COLORS,
     NO_DATA,
+    Grid,
     clipped_mass,
     compare_figure,
     curves_figure,
@@ -184,6 +186,23 @@ def test_histogram_legend_gives_the_clipped_share_of_the_data():
     # Shaded: [0, 1.5] and [6, 8], the data outside the grid.
     xs = points(band.x)
     assert sorted(set(xs)) == [0.0, 1.5, 6.0, 8.0]
+
+
+def test_grid_record_keeps_finite_levels_and_draws_like_the_dict_form():
+    torch = pytest.importorskip("torch")
+    grid = Grid(torch.tensor([0.0, math.nan, 1.0, math.inf]), None, 2)
+    assert grid.levels == (0.0, 1.0) and math.isnan(grid.lo) and grid.hi == 2.0
+    assert grid.bounds() == [2.0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grid.lo = 0.0
+    assert Grid.from_dict({"levels": [1, 2]}) == Grid((1.0, 2.0))
+    assert Grid.from_dict(grid) is grid
+    hist = hist_frame(16)
+    as_dicts = {"lsq+": {"levels": np.linspace(-1.0, 3.0, 4), "lo": -1.0, "hi": 3.0}}
+    as_grids = {"lsq+": Grid(np.linspace(-1.0, 3.0, 4), -1.0, 3.0)}
+    a = histogram_figure(hist, as_dicts, observed=(-2.0, 6.0))
+    b = histogram_figure(hist, as_grids, observed=(-2.0, 6.0))
+    assert a.to_json() == b.to_json() and len(a.data) == 4  # bars, band, levels, observed
 
 
 def test_histogram_figure_handles_empty_nan_and_tensor_levels():

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
+import plotly.io as pio
 
 #: One colour per method, the same in every figure (Okabe-Ito, colour-blind safe).
 METHOD_COLORS: dict[str, str] = {
@@ -40,7 +41,7 @@ FALLBACK_COLORS: tuple[str, ...] = (
 #: Colours of the two parts in the sensitivity figure (not method colours on purpose).
 PART_COLORS: dict[str, str] = {"weights": "#332288", "activations": "#44AA99"}
 PROMINENT = "lsq+"
-TEMPLATE = "plotly_white"
+TEMPLATE = "lsq"  # registered below as pio.templates["lsq"]
 FONT_SIZE = 16
 TITLE_SIZE = 22
 NO_DATA = "no data"
@@ -58,6 +59,24 @@ METRIC_LABELS: dict[str, str] = {
     "init_agreement": "top-1 agreement after initialisation",
     "qat_agreement": "top-1 agreement after QAT",
 }
+
+
+def _register_template() -> None:
+    """The look of every figure as a plotly template: plotly_white, large fonts for projection,
+    the title top left, and the method colours first in the colour sequence."""
+    template = go.layout.Template(pio.templates["plotly_white"])
+    template.layout.update(
+        title={"font": {"size": TITLE_SIZE}, "x": 0.01, "xanchor": "left"},
+        font={"size": FONT_SIZE},
+        legend={"font": {"size": FONT_SIZE - 2}},
+        hoverlabel={"font": {"size": FONT_SIZE - 2}},
+        margin={"t": 80, "l": 80, "r": 30, "b": 70},
+        colorway=[*METHOD_COLORS.values(), *FALLBACK_COLORS],
+    )
+    pio.templates[TEMPLATE] = template
+
+
+_register_template()
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -95,15 +114,8 @@ def _ordered_methods(methods: Iterable[Any]) -> list[str]:
 
 
 def _style(fig: go.Figure, title: str, x_title: str = "", y_title: str = "") -> go.Figure:
-    """The layout every figure shares: template, fonts, title, axis labels."""
-    fig.update_layout(
-        template=TEMPLATE,
-        title={"text": title, "font": {"size": TITLE_SIZE}, "x": 0.01, "xanchor": "left"},
-        font={"size": FONT_SIZE},
-        legend={"font": {"size": FONT_SIZE - 2}},
-        hoverlabel={"font": {"size": FONT_SIZE - 2}},
-        margin={"t": 80, "l": 80, "r": 30, "b": 70},
-    )
+    """The layout every figure shares: the "lsq" template, the title, axis labels."""
+    fig.update_layout(template=TEMPLATE, title_text=title, legend_title_text="")
     if x_title:
         fig.update_xaxes(title_text=x_title)
     if y_title:
@@ -552,6 +564,20 @@ def histogram_figure(
 # ------------------------------------------------------------------------------------ curves
 
 
+def _method_colors(methods: Iterable[str]) -> dict[str, str]:
+    return {m: method_color(m) for m in methods}
+
+
+def _emphasise(fig: go.Figure, marker_shrink: int = 0) -> None:
+    """LSQ+ drawn thicker than the others; markers only where a line has few points."""
+    for t in fig.data:
+        t.update(
+            mode="lines+markers" if len(t.x) <= 60 else "lines",
+            line_width=_line_width(t.name),
+            marker_size=_marker_size(t.name) - marker_shrink,
+        )
+
+
 def curves_figure(
     metrics: pd.DataFrame, y: str = "loss", log_y: bool | None = None, title: str | None = None
 ) -> go.Figure:
@@ -571,75 +597,61 @@ def curves_figure(
         log_y = "kl" in y.lower() and bool((data[y] > 0).all())
     elif log_y:
         data = data[data[y] > 0]
-    fig = go.Figure()
-    for method in _ordered_methods(data["method"]):
-        sub = data[data["method"] == method].sort_values("step")
-        fig.add_trace(
-            go.Scatter(
-                x=sub["step"],
-                y=sub[y],
-                mode="lines+markers" if len(sub) <= 60 else "lines",
-                name=method,
-                line={"color": method_color(method), "width": _line_width(method)},
-                marker={"size": _marker_size(method)},
-                hovertemplate=f"<b>{method}</b><br>step %{{x}}<br>{y} %{{y:.6g}}<extra></extra>",
-            )
-        )
-    if log_y:
-        fig.update_yaxes(type="log")
+    methods = _ordered_methods(data["method"])
+    fig = px.line(
+        data.sort_values("step"),
+        x="step",
+        y=y,
+        color="method",
+        color_discrete_map=_method_colors(methods),
+        category_orders={"method": methods},
+        log_y=log_y,
+    )
+    _emphasise(fig)
+    for t in fig.data:
+        t.hovertemplate = f"<b>{t.name}</b><br>step %{{x}}<br>{y} %{{y:.6g}}<extra></extra>"
     fig.update_layout(hovermode="x unified")
     return _style(fig, title, "training step", label + (" (log scale)" if log_y else ""))
 
 
 # -------------------------------------------------------------------------------- trajectory
 
+_TRAJECTORY_PANELS = {"scale": "scale s", "offset": "offset β"}
+
 
 def trajectory_figure(traj: pd.DataFrame, layer: str) -> go.Figure:
-    """A layer's learned scale and offset against training step, one line per method."""
+    """A layer's learned scale (top) and offset (bottom) against training step, per method."""
     title = f"Learned quantizer parameters: {layer}"
     data = _clean(traj, ["step", "scale", "offset"], required=["method", "layer"])
     if data is None:
         return empty_figure(title)
     data = data[data["layer"].astype(str) == str(layer)]
-    data = _finite(data, ["step"])
-    scale = _finite(data, ["scale"])
-    offset = _finite(data, ["offset"])
-    if scale.empty and offset.empty:
-        return empty_figure(title)
-    fig = make_subplots(
-        rows=2,
-        cols=1,
-        shared_xaxes=True,
-        vertical_spacing=0.1,
-        subplot_titles=("scale s", "offset β"),
+    long = data.melt(
+        id_vars=["method", "step"], value_vars=list(_TRAJECTORY_PANELS), var_name="parameter"
     )
-    for method in _ordered_methods(data["method"]):
-        for row, (frame, col) in enumerate(((scale, "scale"), (offset, "offset")), start=1):
-            sub = frame[frame["method"] == method].sort_values("step")
-            if sub.empty:
-                continue
-            fig.add_trace(
-                go.Scatter(
-                    x=sub["step"],
-                    y=sub[col],
-                    mode="lines+markers" if len(sub) <= 60 else "lines",
-                    name=method,
-                    legendgroup=method,
-                    showlegend=row == 1 or scale[scale["method"] == method].empty,
-                    line={"color": method_color(method), "width": _line_width(method)},
-                    marker={"size": _marker_size(method) - 2},
-                    hovertemplate=(
-                        f"<b>{method}</b><br>step %{{x}}<br>{col} %{{y:.6g}}<extra></extra>"
-                    ),
-                ),
-                row=row,
-                col=1,
-            )
-    fig.update_yaxes(title_text="scale", row=1, col=1)
-    fig.update_yaxes(title_text="offset", row=2, col=1)
-    fig.update_xaxes(title_text="training step", row=2, col=1)
+    long = _finite(long, ["step", "value"])
+    if long.empty:
+        return empty_figure(title)
+    methods = _ordered_methods(long["method"])
+    fig = px.line(
+        long.sort_values("step"),
+        x="step",
+        y="value",
+        color="method",
+        facet_row="parameter",
+        custom_data=["parameter"],
+        color_discrete_map=_method_colors(methods),
+        category_orders={"method": methods, "parameter": list(_TRAJECTORY_PANELS)},
+    )
+    _emphasise(fig, marker_shrink=2)
+    for t in fig.data:
+        parameter = t.customdata[0][0]
+        t.hovertemplate = f"<b>{t.name}</b><br>step %{{x}}<br>{parameter} %{{y:.6g}}<extra></extra>"
+        fig.layout["yaxis" + t.yaxis[1:]].title.text = _TRAJECTORY_PANELS[parameter]
+    fig.layout.annotations = ()  # px's "parameter=..." labels: the y titles say it
+    fig.update_yaxes(matches=None)  # scale and offset have ranges of their own
+    fig.layout.xaxis.title.text = "training step"  # the bottom panel's axis
     fig.update_layout(height=600, hovermode="x unified")
-    fig.update_annotations(font_size=FONT_SIZE)
     return _style(fig, title)
 
 
@@ -767,30 +779,33 @@ def sensitivity_figure(df: pd.DataFrame, log_x: bool = True, top: int | None = N
     data = data[data["unit"].isin(order.index)]
     units = list(order.index[::-1])  # plotly draws the first category at the bottom
 
-    fig = go.Figure()
     parts = [p for p in PART_COLORS if p in set(data["part"])]
     parts += [p for p in dict.fromkeys(data["part"]) if p not in PART_COLORS]
-    for part in parts:
-        sub = data[data["part"] == part]
-        fig.add_trace(
-            go.Bar(
-                y=sub["unit"],
-                x=sub["_drawn"],
-                orientation="h",
-                name=f"only {part} quantized",
-                marker={"color": PART_COLORS.get(part, method_color(part))},
-                hovertext=[
-                    f"{u}, {part}: KL {_fmt(v)}"
-                    for u, v in zip(sub["unit"], sub["kl"], strict=True)
-                ],
-                hoverinfo="text",
-            )
-        )
-    fig.update_yaxes(categoryorder="array", categoryarray=units, automargin=True)
-    if log_x:
-        fig.update_xaxes(type="log")
-    fig.update_layout(
+    data = data.assign(
+        _series=[f"only {p} quantized" for p in data["part"]],
+        _hover=[
+            f"{u}, {p}: KL {_fmt(v)}"
+            for u, p, v in zip(data["unit"], data["part"], data["kl"], strict=True)
+        ],
+    )
+    fig = px.bar(
+        data,
+        y="unit",
+        x="_drawn",
+        color="_series",
+        orientation="h",
         barmode="group",
+        hover_name="_hover",
+        category_orders={"_series": [f"only {p} quantized" for p in parts]},
+        color_discrete_map={
+            f"only {p} quantized": PART_COLORS.get(p, method_color(p)) for p in parts
+        },
+        log_x=log_x,
+    )
+    fig.update_traces(hovertemplate="%{hovertext}<extra></extra>")
+    fig.update_yaxes(categoryorder="array", categoryarray=units, automargin=True)
+    fig.update_yaxes(title_text="")  # the unit names say it
+    fig.update_layout(
         height=max(420, 34 * len(units) * max(len(parts), 1) // 2 + 180),
         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
     )
@@ -831,28 +846,25 @@ def compare_figure(
         order = list(dict.fromkeys(data["bits"]))
     mean = data.groupby(["method", "bits"], sort=False)[metric].mean().reset_index()
 
-    fig = go.Figure()
-    for method in _ordered_methods(mean["method"]):
-        sub = mean[mean["method"] == method]
-        sub = sub.set_index("bits").reindex([b for b in order if b in set(sub["bits"])])
-        fig.add_trace(
-            go.Bar(
-                x=list(sub.index),
-                y=sub[metric],
-                name=method,
-                marker={
-                    "color": method_color(method),
-                    "line": {"color": "black", "width": 2 if method == PROMINENT else 0},
-                },
-                text=[f"{v:.3g}" for v in sub[metric]],
-                textposition="outside",
-                hovertemplate=(
-                    f"<b>{method}</b><br>%{{x}} bits<br>{metric} %{{y:.6g}}<extra></extra>"
-                ),
-            )
+    methods = _ordered_methods(mean["method"])
+    mean = mean.assign(_order=mean["bits"].map(order.index)).sort_values("_order")
+    fig = px.bar(
+        mean,
+        x="bits",
+        y=metric,
+        color="method",
+        barmode="group",
+        text=[f"{v:.3g}" for v in mean[metric]],
+        color_discrete_map=_method_colors(methods),
+        category_orders={"method": methods, "bits": order},
+        log_y=log_y,
+    )
+    for t in fig.data:
+        t.update(
+            marker_line={"color": "black", "width": 2 if t.name == PROMINENT else 0},
+            textposition="outside",
+            hovertemplate=f"<b>{t.name}</b><br>%{{x}} bits<br>{metric} %{{y:.6g}}<extra></extra>",
         )
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
-    if log_y:
-        fig.update_yaxes(type="log")
-    fig.update_layout(barmode="group", hovermode="closest")
+    fig.update_layout(hovermode="closest")
     return _style(fig, title, "bits", label + (" (log scale)" if log_y else ""))

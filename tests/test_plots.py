@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 import pytest
 
 from lsq.plots import (
@@ -87,6 +88,35 @@ def test_colour_per_method_is_the_same_across_figures():
     for m in ("lsq+", "lsq"):
         assert trace(fig_r, m).line.color == trace(fig_c, m).line.color == METHOD_COLORS[m]
     assert trace(fig_c, "lsq+").line.width > trace(fig_c, "lsq").line.width
+
+
+def all_figures() -> dict[str, go.Figure]:
+    curves = pd.DataFrame({"method": ["lsq", "lsq+"], "step": [0, 0], "loss": [1.0, 2.0]})
+    traj = pd.DataFrame({"method": ["lsq+"], "step": [0], "layer": ["a"], "scale": [0.1]})
+    sens = pd.DataFrame({"unit": ["stem"], "part": ["weights"], "kl": [0.1]})
+    grid = {"lsq+": {"levels": [0.0, 1.0], "lo": 0.0, "hi": 1.0}}
+    return {
+        "ranges": ranges_figure(ranges_frame()),
+        "histogram": histogram_figure(hist_frame(8), grid),
+        "curves": curves_figure(curves),
+        "trajectory": trajectory_figure(traj.assign(offset=0.0), "a"),
+        "layer error": layer_error_figure(error_frame()),
+        "sensitivity": sensitivity_figure(sens),
+        "compare": compare_figure(compare_frame()),
+        "empty": curves_figure(pd.DataFrame()),
+    }
+
+
+def test_every_figure_uses_the_registered_lsq_template():
+    lsq = pio.templates["lsq"]
+    assert lsq.layout.font.size > 12  # larger than plotly's 12 px default, for projection
+    for name, fig in all_figures().items():
+        template = fig.layout.template
+        # Not plotly's default (grey #E5ECF6 plot area, 12 px font): the project's look.
+        assert template.layout.plot_bgcolor == "white", name
+        assert template.layout.font.size == lsq.layout.font.size, name
+        assert template.layout.title.xanchor == "left", name
+        assert not fig.layout.legend.title.text, name  # no "method" heading from plotly express
 
 
 # ------------------------------------------------------------------------------------- ranges
@@ -261,11 +291,22 @@ def test_trajectory_figure_scale_and_offset_subplots():
     df.loc[0, "scale"] = math.nan
     fig = trajectory_figure(df, "a")
     assert "a" in title(fig)
-    names = [(t.name, t.yaxis) for t in fig.data]
-    assert names == [("lsq+", "y"), ("lsq+", "y2"), ("lsq", "y"), ("lsq", "y2")]
-    assert len(fig.data[0].y) == 4 and len(fig.data[1].y) == 5
-    assert fig.data[1].showlegend is False
+
+    def y_axis(t):
+        return fig.layout["yaxis" + t.yaxis[1:]]
+
+    panels = {(t.name, y_axis(t).title.text): t for t in fig.data}
+    assert len(panels) == len(fig.data) == 4
+    scale, offset = panels[("lsq+", "scale s")], panels[("lsq+", "offset β")]
+    assert list(scale.y) == pytest.approx([1.1, 2.1, 3.1, 4.1])  # layer a only, NaN dropped
+    assert list(offset.y) == pytest.approx([0.0, -0.5, -1.0, -1.5, -2.0])
+    assert list(panels[("lsq", "offset β")].y) == [0.0] * 5
+    assert y_axis(scale).domain[0] > y_axis(offset).domain[0]  # scale on top
+    assert scale.line.color == METHOD_COLORS["lsq+"] == offset.line.color
+    for m in ("lsq+", "lsq"):  # one legend entry per method
+        assert sum(t.showlegend is not False for t in fig.data if t.name == m) == 1
     assert fig.layout.xaxis.matches == "x2" or fig.layout.xaxis2.matches == "x"
+    assert y_axis(scale).matches is None  # each panel keeps its own range
     assert is_empty(trajectory_figure(df, "missing"))
     assert is_empty(trajectory_figure(pd.DataFrame(), "a"))
 

@@ -17,7 +17,6 @@ import functools
 import operator
 import os
 import pickletools
-import re
 import socket
 import warnings
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 import timm
 import timm.data
 import torch
+from timm.models import clean_state_dict, remap_state_dict
 from torch import Tensor, nn
 
 from lsq.errors import LSQError
@@ -37,7 +37,6 @@ DEFAULT_MODEL = "tf_efficientnet_lite0"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 MAX_CHECKPOINT_BYTES = 2 * 1024**3
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "ema")
-_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 
 
 @dataclass
@@ -172,7 +171,7 @@ def _bundled_model(num_classes: int | None) -> nn.Module:
                 f"The bundled checkpoint does not fit timm's {DEFAULT_MODEL}: {src_key} "
                 f"{tuple(src.shape)} vs {dst_key} {tuple(dst.shape)}."
             )
-    model.load_state_dict({k: v for k, (_, v) in zip(target, source, strict=True)})
+    model.load_state_dict(remap_state_dict(dict(source), model, allow_reshape=False))
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model
@@ -282,10 +281,10 @@ def _read_checkpoint(path: Path) -> object:
         )
     size = path.stat().st_size
     if size == 0:
-        raise LSQError(f"Checkpoint file {path} is empty (0 bytes).")
+        raise LSQError(f"Checkpoint file {path.name} is empty (0 bytes).")
     if size > MAX_CHECKPOINT_BYTES:
         raise LSQError(
-            f"Checkpoint file {path} is {size / 1024**3:.1f} GB, over the "
+            f"Checkpoint file {path.name} is {size / 1024**3:.1f} GB, over the "
             f"{MAX_CHECKPOINT_BYTES // 1024**3} GB limit for models this tool quantizes."
         )
     if suffix == ".safetensors":
@@ -296,32 +295,40 @@ def _read_checkpoint(path: Path) -> object:
         except Exception as e:  # SafetensorError: truncated, corrupt or not safetensors
             raise LSQError(
                 f"{path.name} is not a valid safetensors file (truncated or corrupt?): "
-                f"{_first_line(e)}"
+                f"{_first_line(e).rstrip('.')}."
             ) from e
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols are noise here
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        message = str(e)
-        names = re.findall(r"GLOBAL ([\w.]+)", message)
-        unsafe = re.search(r"Unsupported (global|class)|not an allowed global", message) is not None
-        if not unsafe:
-            # The safe loader stops at pickle opcodes it does not know (protocol 4+ framing)
-            # before it sees any class; a pickle naming classes is still not a broken file.
-            names = _pickle_globals(path) or []
-            unsafe = bool(names)
-        if unsafe:
-            what = f" ({', '.join(names[:3])})" if names else ""
+        # torch's own message is not passed on: it suggests weights_only=False (never do that
+        # with a file from someone else) and names the file by its full server path.
+        names = _unsafe_globals(path)
+        if names:
             raise LSQError(
-                f"{path.name} contains arbitrary Python objects{what}, not just tensors; it will "
-                "not be unpickled, for safety (unpickling can run code). Save only the weights: "
-                "torch.save(model.state_dict(), path), or use safetensors."
+                f"{path.name} contains arbitrary Python objects ({', '.join(names[:3])}), not "
+                "just tensors; it will not be unpickled, for safety (unpickling can run code). "
+                "Save only the weights: torch.save(model.state_dict(), path), or use safetensors."
             ) from e
         raise LSQError(
-            f"{path.name} is not a readable PyTorch checkpoint (empty, truncated or corrupt, or "
-            f"not a checkpoint at all): {type(e).__name__}: {_first_line(e)}"
+            f"{path.name} is not a readable PyTorch checkpoint: it is empty, truncated or "
+            "corrupt, or not a checkpoint at all. Save one with "
+            "torch.save(model.state_dict(), path), or use safetensors."
         ) from e
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a checkpoint names beyond what ``weights_only`` allows.
+
+    torch's own static reading for a ``torch.save`` zip archive; for a legacy plain pickle, every
+    class it names (the safe loader stops at protocol 4+ framing before it sees any). Empty
+    when the file is neither (noise, text, a truncated archive).
+    """
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # not a readable torch.save archive
+        return _pickle_globals(path) or []
 
 
 def _pickle_globals(path: Path, max_ops: int = 100_000) -> list[str] | None:
@@ -351,7 +358,8 @@ def _pickle_globals(path: Path, max_ops: int = 100_000) -> list[str] | None:
 
 
 def _extract_state_dict(content: object, filename: str) -> dict[str, Tensor]:
-    """The state dict inside a checkpoint: plain, or wrapped under a usual key; prefixes removed."""
+    """The state dict inside a checkpoint: plain, or wrapped under a usual key; the prefixes of
+    DataParallel and torch.compile removed (timm's ``clean_state_dict``)."""
     if not isinstance(content, Mapping):
         raise LSQError(
             f"{filename} holds a {type(content).__name__}, not a state dict (a mapping of names "
@@ -372,13 +380,7 @@ def _extract_state_dict(content: object, filename: str) -> dict[str, Tensor]:
             f"{type(state[bad[0]]).__name__} ({len(bad)} such entries). Wrapped state dicts are "
             f"looked for under {', '.join(_WRAPPER_KEYS)}."
         )
-    out = {}
-    for key, value in state.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
+    return clean_state_dict(dict(state))
 
 
 def _classifier_rows(model: nn.Module, state: Mapping[str, Tensor]) -> int | None:

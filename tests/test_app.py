@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import ui
 from lsq.explorer import Settings
+from lsq.jobs import Job, JobManager
 from lsq.pipeline import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,16 @@ def runs_dir(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LSQ_RUNS_DIR", str(path))
     yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def manager():
+    """This module's own job manager: no job of another test module is seen or waited for."""
+    own = JobManager()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ui, "job_manager", lambda: own)
+    yield own
     mp.undo()
 
 
@@ -61,22 +73,23 @@ def test_sidebar_builds_settings_from_its_widgets():
     assert s.config("lsq+").weight_init == "3sigma"  # auto: the method's own rule below 6 bits
 
 
-def test_sidebar_choices_survive_a_refresh_through_the_url():
+def test_sidebar_choices_come_back_from_the_url():
+    """A refresh or a shared link: the bound widgets start from the URL (Streamlit writes the
+    URL from the browser, which AppTest does not run, so the reading side is tested here)."""
     at = AppTest.from_string(SIDEBAR, default_timeout=60)
+    at.query_params.update(
+        w_bits="3", a_bits="2", baselines=["minmax", "lsq"], weight_init="mse", res="64"
+    )
     at.run()
-    at.sidebar.select_slider(key="a_bits").set_value(3)
-    at.sidebar.multiselect(key="baselines").set_value(["minmax"])
-    at.run()
-    url = dict(at.query_params)
-    fresh = AppTest.from_string(SIDEBAR, default_timeout=60)  # a refresh: same URL, new session
-    for key, value in url.items():
-        fresh.query_params[key] = value
-    fresh.run()
-    s = fresh.session_state["settings"]
-    assert (s.a_bits, s.methods) == (3, ("lsq+", "minmax"))
+    assert not at.exception
+    s = at.session_state["settings"]
+    assert (s.w_bits, s.a_bits, s.weight_init, s.data.resolution) == (3, 2, "mse", 64)
+    assert s.methods == ("lsq+", "minmax", "lsq")
 
 
-@pytest.mark.parametrize("key, value", [("w", "99"), ("a", "four"), ("res", "-1"), ("wi", "x")])
+@pytest.mark.parametrize(
+    "key, value", [("w_bits", "99"), ("a_bits", "four"), ("res", "-1"), ("weight_init", "x")]
+)
 def test_nonsense_in_the_url_falls_back_to_defaults(key, value):
     at = AppTest.from_string(SIDEBAR, default_timeout=60)
     at.query_params[key] = value
@@ -114,14 +127,17 @@ def trace_names(fig: dict) -> list[str]:
     return [d.get("name") or "" for d in fig["data"]]
 
 
-def wait_for(kind: str):
-    import ui
-
-    job = ui.job_manager().latest(kind)
-    assert job is not None, f"no {kind} job was started"
-    ui.job_manager().wait(job, timeout=300)
-    assert job.status == "done", job.message
-    return job
+def click_and_wait(at: AppTest, label: str, manager: JobManager, kind: str) -> Job:
+    """Click the button called ``label``; the one new job it started, finished."""
+    before = set(j.id for j in manager.jobs())
+    buttons = [b for b in at.button if b.label == label]
+    assert len(buttons) == 1, [b.label for b in at.button]
+    buttons[0].click().run()
+    new = [j for j in manager.jobs() if j.id not in before]
+    assert [j.kind for j in new] == [kind], [(j.kind, j.title) for j in new]
+    manager.wait(new[0], timeout=300)
+    assert new[0].status == "done", new[0].message
+    return new[0]
 
 
 def test_home_page_explains_and_offers_the_default():
@@ -133,10 +149,9 @@ def test_home_page_explains_and_offers_the_default():
 
 
 @pytest.fixture(scope="module")
-def calibrated(runs_dir):
+def calibrated(runs_dir, manager):
     at = small_app("pages/calibrate.py")
-    [b for b in at.button if b.label.startswith("Calibrate")][0].click().run()
-    wait_for("calibrate")
+    click_and_wait(at, "Calibrate 4 method(s)", manager, "calibrate")
     at.run()
     assert not at.exception, at.exception
     return at
@@ -155,11 +170,11 @@ def test_calibrate_page_draws_ranges_and_histogram_for_every_method(calibrated):
     assert table["agreement"].between(0, 1).all()
 
 
-def test_train_page_trains_and_draws_curves(calibrated):
+def test_train_page_trains_and_draws_curves(calibrated, manager):
     at = small_app("pages/train.py")
-    at.number_input[0].set_value(2)  # steps
-    at.button[0].click().run()  # the form's Train button
-    wait_for("train")
+    [n for n in at.number_input if n.label == "Steps"][0].set_value(2)
+    job = click_and_wait(at, "Train", manager, "train")
+    assert [m for m, e in job.events if e.kind == "step"] == ["lsq+", "lsq+", "lsq", "lsq"]
     at.run()
     assert not at.exception, at.exception
     figs = figures(at)
@@ -168,17 +183,37 @@ def test_train_page_trains_and_draws_curves(calibrated):
     assert {"lsq+", "lsq"} <= set(trace_names(loss))
     assert all(len(points(d)) == 2 for d in loss["data"])
     assert {"lsq+", "lsq"} <= set(trace_names(traj))
+    table = at.dataframe[0].value
+    stages = dict(zip(table["method"], table["stage"], strict=True))
+    assert stages == {
+        "lsq+": "trained 2 steps",
+        "lsq": "trained 2 steps",
+        "lsq-signed": "not trained",
+        "minmax": "not trained",
+    }
 
 
-def test_layers_page_tables_and_sensitivity(calibrated):
+def test_layers_page_tables_and_sensitivity(calibrated, manager):
     at = small_app("pages/layers.py")
+    layers = manager.latest("layers")  # the first visit measures every layer, as a job
+    assert layers is not None
+    manager.wait(layers, timeout=300)
+    assert layers.status == "done", layers.message
+    if layers.params["stage"] == "trained":  # the Train test ran: its results are shown first
+        assert set(layers.result["method"]) == {"lsq+", "lsq"}
+        at.run()
+        at.radio(key="layers_stage").set_value("initialised").run()
+        layers = manager.latest("layers")
+        assert layers.params["stage"] == "initialised"
+        manager.wait(layers, timeout=300)
+    at.run()
+    assert not at.exception, at.exception
     figs = figures(at)
     assert len(figs) == 2
     err = figs[0]
     assert {"lsq+", "lsq", "minmax"} <= set(trace_names(err))
     assert all(len(points(d)) == 50 for d in err["data"] if d.get("name") in METHODS)
-    [b for b in at.button if b.label == "Measure sensitivity"][0].click().run()
-    wait_for("sensitivity")
+    click_and_wait(at, "Measure sensitivity", manager, "sensitivity")
     at.run()
     assert not at.exception, at.exception
     sens = figures(at)[-1]

@@ -8,7 +8,7 @@ from torch import nn
 
 from lsq import LSQError, make_config, quantize_model
 from lsq.analysis import layer_table, model_metrics, sensitivity, sqnr_db
-from lsq.calibrate import ActStats, calibrate, collect_stats, init_from_stats
+from lsq.calibrate import ActStats, calibrate, collect_stats
 from lsq.convert import quant_layers
 from lsq.train import TrainConfig, train
 
@@ -201,12 +201,41 @@ def test_analysis_ranks_a_layer_with_a_bad_range_worst():
     sens = sensitivity(model, eval_views, t_logits, by="layer")
     acts = sens[sens.part == "activations"].sort_values("kl", ascending=False)
     assert acts.iloc[0]["unit"] == "conv2"
-    m = model_metrics(model, eval_views, t_logits)
-    assert 0 <= m["agreement"] <= 1 and m["kl"] > 0
+
+
+def test_model_metrics_against_known_answers():
+    """Agreement, confident agreement, KL and logit SQNR on logits whose answers are known."""
+    torch.manual_seed(0)
+    model = Toy().eval()
+    views = toy_data(8)
+    with torch.no_grad():
+        own = model(views)
+    same = model_metrics(model, views, own)
+    assert same["agreement"] == 1.0 and same["logit_sqnr_db"] == math.inf
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["views"] == 8.0
+    # A teacher that is confident (top probability ~1) on a class the model never picks, on
+    # views 0..2, and agrees (confidently) with the model's top-1 on the other five.
+    top = own.argmax(-1)
+    teacher = torch.zeros_like(own)
+    teacher[torch.arange(8), top] = 50.0
+    wrong = (top[:3] + 1) % own.shape[1]
+    teacher[:3] = 0.0
+    teacher[torch.arange(3), wrong] = 50.0
+    m = model_metrics(model, views, teacher)
+    assert m["agreement"] == 5 / 8 and m["confident_agreement"] == 5 / 8
+    expected_kl = torch.nn.functional.kl_div(
+        own.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert m["kl"] == pytest.approx(float(expected_kl), rel=1e-5)
+    # Unsure teacher views (top probability < 0.5) are left out of confident agreement.
+    unsure = teacher.clone()
+    unsure[:3] = 0.0
+    assert model_metrics(model, views, unsure)["confident_agreement"] == 1.0
 
 
 def test_sqnr():
     x = torch.tensor([1.0, 2.0, 3.0])
     assert sqnr_db(x, x) == math.inf
     assert sqnr_db(x, x * 1.1) == pytest.approx(20.0)
-    init_from_stats  # noqa: B018 - imported for the public API check
+    assert sqnr_db(x, torch.zeros(3)) == pytest.approx(0.0)  # noise as large as the signal
+    assert sqnr_db(torch.zeros(3), x) == -math.inf

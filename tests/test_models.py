@@ -197,6 +197,14 @@ def test_wrapped_and_prefixed_state_dicts(small_model, tmp_path, wrapper):
     assert torch.equal(outputs(loaded.model), outputs(small_model))
 
 
+def test_ddp_and_compile_prefixes_in_either_order(small_model, tmp_path):
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        path = tmp_path / "prefixed.pth"
+        torch.save({f"{prefix}{k}": v for k, v in small_model.state_dict().items()}, path)
+        loaded = load_model(SMALL, source="file", path=path)
+        assert torch.equal(outputs(loaded.model), outputs(small_model)), prefix
+
+
 def test_missing_batchnorm_counters_are_tolerated(small_model, tmp_path):
     state = {
         k: v for k, v in small_model.state_dict().items() if not k.endswith("num_batches_tracked")
@@ -244,8 +252,13 @@ def broken_file(kind, folder, good):
     ],
 )
 def test_broken_files_are_explained(small_pth, tmp_path, kind, words):
-    with pytest.raises(LSQError, match=words):
+    with pytest.raises(LSQError, match=words) as caught:
         load_model(SMALL, source="file", path=broken_file(kind, tmp_path, small_pth))
+    message = str(caught.value)
+    assert "weights_only" not in message  # never pass on torch's "re-run with weights_only=False"
+    assert message.endswith((".", ")")), message  # a whole sentence, not a line cut short
+    if kind not in ("missing", "folder"):  # those name the path the user typed, as typed
+        assert str(tmp_path) not in message and kind in message  # the file's name, no server path
 
 
 class Pet:  # an arbitrary class: weights_only must refuse to unpickle it

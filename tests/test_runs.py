@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -198,20 +197,27 @@ def test_dead_and_half_created_runs_are_incomplete(tmp_path):
     assert list_runs(tmp_path / "missing") == []
 
 
+#: Writes the metrics table five times, then starts a sixth write and stops inside it, after
+#: the temp file is written and before it is renamed over metrics.csv, says so, and waits to be
+#: killed: the interruption always falls in the middle of a write.
 CHILD = textwrap.dedent(
     """
-    import sys
+    import sys, time
     import pandas as pd
+    import lsq.runs
     from lsq import make_config
     from lsq.runs import Run
 
     run = Run.create("resnet18", make_config("lsq+", 2, 2), root=sys.argv[1])
     rows = []
-    for step in range(10**9):
+    for step in range(6):
         rows.append({"step": step, "loss": 1.0 / (step + 1), "note": "x" * 50})
+        if step == 5:
+            def stuck(fd):
+                print(run.path, flush=True)
+                time.sleep(600)
+            lsq.runs.os.fsync = stuck
         run.write_table("metrics", pd.DataFrame(rows * 20))
-        if step == 0:
-            print(run.path, flush=True)
     """
 )
 
@@ -236,7 +242,6 @@ def test_kill_minus_9_leaves_a_loadable_incomplete_run(tmp_path):
     try:
         line = proc.stdout.readline().strip()
         assert line, f"child failed: {proc.stderr.read()}"
-        time.sleep(0.5)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -244,10 +249,14 @@ def test_kill_minus_9_leaves_a_loadable_incomplete_run(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
 
+    temps = [p.name for p in Path(line).iterdir() if p.name.startswith(".metrics.csv.tmp-")]
+    assert len(temps) == 1, "killed in the middle of writing metrics.csv"
     loaded = load_run(Path(line))
     assert loaded.info.status == "incomplete"
     metrics = loaded.tables["metrics"]
-    assert len(metrics) >= 20 and list(metrics.columns) == ["step", "loss", "note"]
+    assert list(metrics.columns) == ["step", "loss", "note"]
+    assert sorted(set(metrics["step"])) == [0, 1, 2, 3, 4]  # the last complete write
+    assert len(metrics) == 5 * 20
     assert metrics["loss"].notna().all() and (metrics["note"] == "x" * 50).all()
     assert set(loaded.tables) == {"metrics"}
 

@@ -1,0 +1,146 @@
+"""Results are snapshots: training twice, and pages open while a job trains.
+
+Tiny random resnet10t at 32 px on the CPU, so each test takes seconds.
+"""
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+import ui
+from lsq.explorer import Settings, calibrate_job, train_job
+from lsq.jobs import Job, JobManager
+from lsq.pipeline import DataConfig, ModelSpec, Stage
+from lsq.runs import load_run
+from lsq.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = Settings(
+    model=ModelSpec("resnet10t", "random"),
+    data=DataConfig(resolution=32, calib_views=8, eval_views=8, batch_size=8),
+    methods=("lsq+", "minmax"),
+    device="cpu",
+)
+
+
+@pytest.fixture
+def manager(monkeypatch, tmp_path):
+    """A job manager of this test only (the app's pages see it), and runs under tmp_path."""
+    own = JobManager()
+    monkeypatch.setattr(ui, "job_manager", lambda: own)
+    monkeypatch.setenv("LSQ_RUNS_DIR", str(tmp_path / "runs"))
+    return own
+
+
+@pytest.fixture
+def calibrated(manager):
+    job = Job("calibrate", "Calibration", {"settings": TINY})
+    manager.wait(manager.submit(job, lambda j: calibrate_job(j, TINY)), 120)
+    assert job.status == "done", job.message
+    return job.result
+
+
+def train_cfg(steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=8, eval_every=1, compile=False, device="cpu")
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def stop_after_first_step(job: Job) -> Job:
+    """``job``, asking itself to stop once training has taken a step."""
+    add = job.add_event
+
+    def add_event(event) -> None:
+        add(event)
+        if event[1].kind == "step":
+            job.request_stop()
+
+    job.add_event = add_event
+    return job
+
+
+def test_training_a_method_twice_gives_two_independent_runs_from_the_initialised_state(
+    calibrated,
+):
+    comp = calibrated
+    initial = state(comp.initial["lsq+"].model)
+    # First press: stopped after one step.
+    first = train_job(stop_after_first_step(Job("train", "1")), comp, ["lsq+"], train_cfg(3))
+    one = first.trained["lsq+"]
+    assert (one.stage, one.steps, one.status) == (Stage.TRAINED, 1, "stopped")
+    # Second press, on what the page then shows (the comparison with the first run in it).
+    second = train_job(Job("train", "2"), first, ["lsq+"], train_cfg(3))
+    two = second.trained["lsq+"]
+    assert (two.steps, two.status, two.message, two.label) == (3, "complete", "", "trained 3 steps")
+    assert [e.step for e in two.history if e.kind == "step"] == [1, 2, 3]
+    # Both started from the initialised state: the same evaluation before the first step ...
+    assert one.history[0].kind == two.history[0].kind == "eval"
+    assert one.history[0].kl == two.history[0].kl
+    assert one.history[1].loss == two.history[1].loss
+    # ... which is untouched, and a third press repeats the second exactly.
+    assert all(
+        torch.equal(v, initial[k]) for k, v in comp.initial["lsq+"].model.state_dict().items()
+    )
+    assert second.initial["lsq+"] is comp.initial["lsq+"]
+    three = train_job(Job("train", "3"), second, ["lsq+"], train_cfg(3)).trained["lsq+"]
+    assert all(torch.equal(v, state(three.model)[k]) for k, v in state(two.model).items())
+    assert one.model is not two.model is not comp.initial["lsq+"].model
+    # The saved runs hold their own steps only.
+    assert list(load_run(one.run_path).tables["metrics"]["step"]) == [0, 1]
+    assert list(load_run(two.run_path).tables["metrics"]["step"]) == [0, 1, 2, 3]
+    assert load_run(one.run_path).info.status == "stopped"
+    assert load_run(two.run_path).info.status == "complete"
+    # Continuing is explicit: from the latest trained result, counting its steps.
+    more = train_job(Job("train", "4"), second, ["lsq+"], train_cfg(2), continue_trained=True)
+    assert more.trained["lsq+"].steps == 5
+    assert more.trained["lsq+"].history[0].kl == pytest.approx(two.metrics_final["kl"], rel=1e-4)
+
+
+def test_opening_the_layers_page_while_training_runs_changes_nothing(calibrated, manager):
+    comp = calibrated
+    steps = 30
+    reference = train_job(Job("train", "no page open"), comp, ["lsq+"], train_cfg(steps))
+    expected = reference.trained["lsq+"]
+
+    page_starts, page_done = threading.Event(), threading.Event()
+    job = Job("train", "Training lsq+", {"calibration": comp.calibration, "settings": TINY})
+    add = job.add_event
+
+    def add_event(event) -> None:  # the page runs while steps 2..30 are taken
+        add(event)
+        if event[1].kind == "step" and event[1].step == 1:
+            assert page_starts.wait(60)
+        if event[1].kind == "step" and event[1].step == steps:
+            assert page_done.wait(120)
+
+    job.add_event = add_event
+    manager.submit(job, lambda j: train_job(j, comp, ["lsq+"], train_cfg(steps)))
+    at = AppTest.from_file(str(ROOT / "pages" / "layers.py"), default_timeout=120)
+    at.session_state["settings"] = TINY
+    page_starts.set()
+    at.run()
+    still_training = job.active
+    page_done.set()
+    manager.wait(job, 120)
+    assert still_training, "the page ran while the job trained"
+    assert not at.exception, at.exception
+    assert job.status == "done", job.message
+    trained = job.result.trained["lsq+"]
+    assert [e.loss for e in trained.history] == [e.loss for e in expected.history]
+    got = state(trained.model)
+    assert all(torch.equal(v, got[k]) for k, v in state(expected.model).items())
+
+    # Once training has ended the page measures the published snapshots, as a job.
+    at.run()
+    layers = manager.latest("layers")
+    assert layers is not None and layers.params["stage"] == "trained"
+    manager.wait(layers, 120)
+    assert layers.status == "done", layers.message
+    at.run()
+    assert not at.exception, at.exception
+    assert at.get("plotly_chart")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lsq.errors import LSQError
+from lsq.validate import whole_number
 
 SPLITS = ("calibration", "evaluation")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -94,8 +95,7 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) 
     16-bit, palette, CMYK and transparent images are converted to 8-bit RGB (transparency on
     white), and the EXIF orientation of phone photos is applied.
     """
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise LSQError(f"max_pixels must be a positive whole number, not {max_pixels!r}.")
+    max_pixels = whole_number(max_pixels, "max_pixels", 1)
     if isinstance(source, bytes | bytearray):
         label = "the uploaded image"
         if not source:
@@ -297,24 +297,8 @@ def labels_for_views(labels: Sequence[int], n_views: int) -> list[int]:
     """The label of every view from ``make_views``: view i shows image i % len(images)."""
     if not labels:
         raise LSQError("No labels given.")
-    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
-        raise LSQError(
-            f"The number of views must be a whole number of at least 1, not {n_views!r}."
-        )
+    n_views = whole_number(n_views, "number of views", 1)
     return [int(labels[i % len(labels)]) for i in range(n_views)]
-
-
-def _whole(name: str, value: object, lo: int, hi: int | None = None) -> int:
-    """``value`` if it is a whole number in [lo, hi], else an LSQError naming ``name``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < lo
-        or (hi is not None and value > hi)
-    ):
-        bounds = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
-        raise LSQError(f"{name} must be a whole number {bounds}, not {value!r}.")
-    return value
 
 
 def _rgb_images(images: Sequence[Image.Image]) -> list[Image.Image]:
@@ -347,7 +331,7 @@ def _check_data_config(data_config: dict) -> None:
 
 
 def _check_resolution(resolution: int) -> int:
-    return _whole("The resolution (pixels)", resolution, MIN_RESOLUTION, MAX_RESOLUTION)
+    return whole_number(resolution, "resolution", MIN_RESOLUTION, MAX_RESOLUTION)
 
 
 # Training crops: 25-100 % of the image's area at an aspect ratio of 3/4 to 4/3, flipped
@@ -423,7 +407,7 @@ def _eval_views(
     import timm.data
 
     rgb = _rgb_images(images)
-    _whole("The number of views", n_views, 1)
+    n_views = whole_number(n_views, "number of views", 1)
     _check_resolution(resolution)
     _check_data_config(data_config)
     cfg = {k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config}
@@ -453,17 +437,18 @@ class FreshViews:
         self.resolution = _check_resolution(resolution)
         _check_data_config(data_config)
         self.data_config = dict(data_config)
-        self.seed = _whole("The seed", seed, 0)
+        self.seed = whole_number(seed, "seed", 0)
         self._interpolation = str(data_config.get("interpolation", "bicubic"))
 
     def indices(self, step: int, n: int) -> list[int]:
         """Which image each of the n views of ``step`` shows (to look up labels)."""
-        _whole("The step", step, 0)
-        _whole("The number of views", n, 1)
+        step = whole_number(step, "step", 0)
+        n = whole_number(n, "number of views", 1)
         return [(step * n + i) % len(self.images) for i in range(n)]
 
     def batch(self, step: int, n: int) -> torch.Tensor:
         """float32 [n, 3, resolution, resolution]: the views of training step ``step``."""
+        step = whole_number(step, "step", 0)
         chosen = [self.images[i] for i in self.indices(step, n)]
         crops = _random_crops(
             chosen, self.resolution, self._interpolation, _step_seed(self.seed, step)
@@ -489,12 +474,12 @@ class TensorViews:
             raise LSQError(f"views must be floating point (normalised images), not {views.dtype}.")
         self.views = views.detach()
         self.resolution = int(views.shape[-1])
-        self.seed = _whole("The seed", seed, 0)
+        self.seed = whole_number(seed, "seed", 0)
 
     def batch(self, step: int, n: int) -> torch.Tensor:
         """float32 [n, 3, height, width]: n random picks for step ``step``, about half flipped."""
-        _whole("The step", step, 0)
-        _whole("The number of views", n, 1)
+        step = whole_number(step, "step", 0)
+        n = whole_number(n, "number of views", 1)
         gen = torch.Generator().manual_seed(_step_seed(self.seed, step))
         picks = torch.randint(0, self.views.shape[0], (n,), generator=gen)
         flips = torch.rand(n, generator=gen) < 0.5
@@ -540,7 +525,7 @@ class MixedViews:
 
     def shares(self, n: int) -> list[int]:
         """How many of n views each source gives (they add up to n)."""
-        _whole("The number of views", n, 1)
+        n = whole_number(n, "number of views", 1)
         exact = [n * x / sum(self.weights) for x in self.weights]
         counts = [math.floor(e) for e in exact]
         by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])

@@ -296,6 +296,7 @@ def test_fresh_views_differ_between_steps_and_repeat_per_seed(photos):
     assert torch.equal(b, FreshViews(photos, 32, CONFIG, seed=7).batch(1, 6))
     assert not torch.equal(b, FreshViews(photos, 32, CONFIG, seed=8).batch(1, 6))
     assert torch.equal(a, make_views(photos, 6, 32, CONFIG, seed=7))  # one crop code path
+    assert torch.equal(b, fresh.batch(1.0, 6.0))  # a number widget's 1.0 is the whole number 1
 
 
 def test_fresh_views_cycle_through_the_images_evenly(photos):
@@ -345,7 +346,7 @@ def test_fresh_views_convert_once_and_do_not_keep_the_callers_list(photos):
         ({"images": "photo.png"}, "list of PIL images, not a str"),
         ({"images": [None]}, "Item 0 is a NoneType, not a PIL image"),
         ({"resolution": 8}, "resolution"),
-        ({"resolution": 32.0}, "resolution"),
+        ({"resolution": 32.5}, "resolution must be a whole number from 16 to 1024"),
         ({"seed": -1}, "seed"),
         ({"data_config": {**CONFIG, "std": (0.5, 0.0, 0.5)}}, "std must be positive"),
         ({"data_config": {**CONFIG, "interpolation": "magic"}}, "interpolation"),
@@ -371,6 +372,7 @@ def test_tensor_views_pick_flip_and_repeat():
     base = torch.arange(5 * 3 * 4 * 4, dtype=torch.float32).view(5, 3, 4, 4)
     source = TensorViews(base, seed=2)
     a = source.batch(0, 40)
+    assert torch.equal(a, source.batch(0.0, 40.0))
     assert a.shape == (40, 3, 4, 4) and a.dtype == torch.float32
     plain = [any(torch.equal(v, b) for b in base) for v in a]
     mirrored = [any(torch.equal(v, b.flip(-1)) for b in base) for v in a]
@@ -410,6 +412,7 @@ def test_mixed_views_share_by_weight():
     mixed = MixedViews([zeros, ones], [3, 1])
     assert mixed.shares(32) == [24, 8] and mixed.shares(5) == [4, 1] and mixed.shares(1) == [1, 0]
     assert MixedViews([zeros, ones, zeros], [1, 1, 1]).shares(4) == [2, 1, 1]
+    assert mixed.shares(8.0) == [6, 2]
     batch = mixed.batch(3, 10)
     assert batch.shape == (10, 3, 8, 8)
     assert batch[:, 0, 0, 0].tolist() == [0.0] * 8 + [1.0] * 2

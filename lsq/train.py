@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
-from lsq.quantizers import Quantizer, project_scales_, set_kernels
+from lsq.quantizers import SCALE_FLOOR, Quantizer, project_scales_, set_kernels
 
 OPTIMIZERS = ("adam", "sgd")
 LOSSES = ("kd", "ce")
@@ -54,6 +54,9 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = False
     train_weights: bool = True
+    #: Quantizer updates relative to each quantizer's scale (see ``optimizer_step``); the rates
+    #: of the quantizer groups are then fractions of a step size.
+    relative_quant_lr: bool = False
     #: Fused torch.compile'd quantizer kernels (same values; a first compile costs ~15 s).
     compile: bool = True
 
@@ -152,26 +155,97 @@ def agreement_and_kl(model: nn.Module, views: Tensor, teacher_logits: Tensor, ba
     return float((out.argmax(-1) == t.argmax(-1)).float().mean()), float(distillation_loss(out, t))
 
 
-def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    act, wq, weights = [], [], []
-    quant_ids = set()
-    for m in model.modules():
-        if isinstance(m, Quantizer):
-            for p in m.parameters(recurse=False):
-                quant_ids.add(id(p))
+def param_groups(
+    modules: list[nn.Module],
+    lr_weights: float,
+    lr_weight_quant: float,
+    lr_act_quant: float,
+    train_weights: bool = True,
+    relative: bool = False,
+) -> list[dict]:
+    """Parameter groups of ``modules``: weights (with biases and norms), weight quantizers, and
+    activation quantizers, each with its learning rate.
+
+    With ``relative`` the quantizer groups carry each parameter's reference scale (``refs``: the
+    quantizer's own scale, for the scale and for the offset), and ``optimizer_step`` turns their
+    update into one relative to that scale.
+    """
+    act, wq, weights, seen = [], [], [], set()
+    for module in modules:
+        for q in module.modules():
+            if not isinstance(q, Quantizer):
+                continue
+            for p in q.parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
                 if p.requires_grad:
-                    (act if m.role == "activation" else wq).append(p)
-    for p in model.parameters():
-        if id(p) not in quant_ids:
-            p.requires_grad_(cfg.train_weights)
-            if cfg.train_weights:
-                weights.append(p)
-    groups = [
-        {"params": weights, "lr": cfg.lr_weights, "name": "weights"},
-        {"params": wq, "lr": cfg.lr_weight_quant, "name": "weight_quant"},
-        {"params": act, "lr": cfg.lr_act_quant, "name": "act_quant"},
-    ]
+                    (act if q.role == "activation" else wq).append((p, q.scale))
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                p.requires_grad_(train_weights)
+                if train_weights:
+                    weights.append(p)
+    groups = [{"params": weights, "lr": lr_weights, "name": "weights"}]
+    for name, lr, pairs in (
+        ("weight_quant", lr_weight_quant, wq),
+        ("act_quant", lr_act_quant, act),
+    ):
+        groups.append(
+            {
+                "params": [p for p, _ in pairs],
+                "refs": [r for _, r in pairs],
+                "relative": relative,
+                "lr": lr,
+                "name": name,
+            }
+        )
     return [g for g in groups if g["params"]]
+
+
+def make_optimizer(
+    groups: list[dict],
+    kind: str = "adam",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    relative: bool | None = None,
+) -> torch.optim.Optimizer:
+    """Adam or SGD over ``groups`` (from ``param_groups``); step it with ``optimizer_step``.
+
+    ``relative`` (when given) overrides the groups' own setting.
+    """
+    if relative is not None:
+        for g in groups:
+            if "refs" in g:
+                g["relative"] = relative
+    if kind == "adam":
+        return torch.optim.Adam(groups, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
+    raise LSQError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+
+
+def optimizer_step(opt: torch.optim.Optimizer) -> None:
+    """``opt.step()``, with the update of every relative group multiplied by its reference scale.
+
+    Adam moves each parameter by about ``lr`` whatever its size; a quantizer scale of 5e-4 and
+    one of 5 need steps in proportion. Here the update becomes ``lr * scale`` (taken before the
+    step): the scale changes by the same fraction, and the offset by the same fraction of a
+    step size, at every size.
+    """
+    saved = []
+    for g in opt.param_groups:
+        if g.get("relative"):
+            for p, ref in zip(g["params"], g["refs"], strict=True):
+                if p.grad is not None:
+                    r = ref.detach().abs().clamp_min(SCALE_FLOOR)
+                    saved.append((p, p.detach().clone(), r.clone()))
+    opt.step()
+    with torch.no_grad():
+        for p, old, ref in saved:
+            p.copy_(old + (p - old) * ref)
 
 
 def train(
@@ -209,13 +283,17 @@ def train(
     teacher_train, teacher_eval = (t.to(device) for t in teacher_logits)
 
     kernels = set_kernels(model, "compiled" if cfg.compile else "eager")
-    groups = _param_groups(model, cfg)
+    groups = param_groups(
+        [model],
+        cfg.lr_weights,
+        cfg.lr_weight_quant,
+        cfg.lr_act_quant,
+        cfg.train_weights,
+        cfg.relative_quant_lr,
+    )
     if not groups:
         raise LSQError("nothing to train: no learnable quantizer and weights frozen")
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(groups, cfg.optimizer, cfg.momentum, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     lrs = {g["name"]: g for g in opt.param_groups}
 
@@ -268,7 +346,7 @@ def train(
         good_state = copy.deepcopy(model.state_dict())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer_step(opt)
         project_scales_(model)
         sched.step()
         event = TrainEvent(

@@ -1,0 +1,402 @@
+"""Block-wise reconstruction: repair a quantized model one unit at a time (BRECQ, QDrop).
+
+Instead of training the whole quantized network against the float logits, each unit (the stem,
+every block, the head, the classifier) learns to reproduce the float unit's output on the same
+images. Its input comes from the already-reconstructed quantized stream, with every element
+replaced by the float stream's value with probability ``drop_prob`` (QDrop), so the unit becomes
+robust to the quantization noise of its input without fitting it. Each unit has a target of its
+own, which is why a few hundred images repair what end-to-end distillation on the same images
+cannot. LSQ+'s learnable offsets are trained with the scales.
+
+The loop is a generator of ``ReconstructEvent``, with the same contract as ``lsq.train.train``:
+the caller draws progress, stops between iterations, and a non-finite loss restores the unit's
+last good state. Only the current unit's float and quantized inputs are held in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsq.convert import float_mode, quant_layers
+from lsq.errors import LSQError
+from lsq.quantizers import project_scales_, set_kernels
+from lsq.train import (
+    distillation_loss,
+    make_optimizer,
+    optimizer_step,
+    param_groups,
+    resolve_device,
+)
+
+#: Containers whose children timm runs one after another as the network's blocks.
+BLOCK_CONTAINERS = ("blocks", "layer1", "layer2", "layer3", "layer4", "stages", "features")
+HEAD = "forward_head"
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Settings of block-wise reconstruction.
+
+    Learning rates are per parameter group, as in QAT. With ``relative_quant_lr`` (the default)
+    a quantizer's scale and offset move by ``lr`` times its own scale per Adam step, so a step
+    size of 5e-4 and one of 5 change by the same fraction (Adam otherwise moves every parameter
+    by about ``lr``, whatever its size, and cancels LSQ's gradient scaling).
+    """
+
+    iters: int = 80  # per unit
+    batch_size: int = 32
+    lr_weights: float = 3e-5
+    lr_weight_quant: float = 1e-3
+    lr_act_quant: float = 1e-3
+    relative_quant_lr: bool = True
+    drop_prob: float = 0.5  # QDrop: chance that an input element comes from the float stream
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    compile: bool = True
+
+    def __post_init__(self) -> None:
+        for name, hi in (("iters", 100_000), ("batch_size", 4096)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                raise LSQError(f"{name} must be a whole number from 1 to {hi}, got {v!r}")
+        for name in ("lr_weights", "lr_weight_quant", "lr_act_quant"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise LSQError(f"{name} must be a finite number, got {v!r}")
+            if not 0 <= v <= 1e6:
+                raise LSQError(f"{name} must be from 0 to 1e6, got {v}")
+        p = self.drop_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise LSQError(f"drop_prob must be a number from 0 to 1, got {p!r}")
+        resolve_device(self.device)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the network trained as one: modules run in order, or the model's head."""
+
+    name: str
+    paths: tuple[str, ...]  # module paths run one after another; (HEAD,) for forward_head
+    layers: tuple[str, ...]  # the quantized layers inside
+
+    def run(self, model: nn.Module, x: Tensor) -> Tensor:
+        if self.paths == (HEAD,):
+            return model.forward_head(x)
+        for p in self.paths:
+            x = model.get_submodule(p)(x)
+        return x
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules holding this unit's parameters."""
+        if self.paths == (HEAD,):
+            return [model.get_submodule(n) for n in self.layers]
+        return [model.get_submodule(p) for p in self.paths]
+
+
+@dataclass
+class ReconstructEvent:
+    """Progress: ``kind`` is step, unit (a unit finished), done, stopped or error."""
+
+    kind: str
+    unit: str
+    unit_index: int
+    units: int
+    step: int  # iterations done, over all units
+    total: int
+    loss: float | None = None
+    loss_before: float | None = None  # unit: its output error before and after reconstruction
+    loss_after: float | None = None
+    seconds: float = 0.0
+    message: str = ""
+
+
+def _expand(model: nn.Module, name: str) -> list[str]:
+    """A block container's blocks: nested Sequentials (EfficientNet stages) are flattened."""
+    out = []
+    for child, m in model.get_submodule(name).named_children():
+        path = f"{name}.{child}"
+        if type(m) is nn.Sequential:
+            out.extend(f"{path}.{c}" for c, _ in m.named_children())
+        else:
+            out.append(path)
+    return out
+
+
+def _layers_under(paths: tuple[str, ...], layer_names: list[str]) -> tuple[str, ...]:
+    return tuple(n for n in layer_names if any(n == p or n.startswith(p + ".") for p in paths))
+
+
+def _chain_units(model: nn.Module, example: Tensor) -> list[Unit] | None:
+    """Units of a timm model whose forward_features runs its children in order, or None."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return None
+    order: list[str] = []
+    handles = [
+        m.register_forward_pre_hook(lambda mod, inp, n=name: order.append(n))
+        for name, m in model.named_children()
+    ]
+    try:
+        with torch.no_grad(), float_mode(model):
+            model.forward_features(example)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(set(order)) != len(order):
+        return None  # a child runs twice: not a chain
+    names = list(quant_layers(model))
+    units: list[Unit] = []
+    pending: list[str] = []
+
+    def flush(label: str) -> None:
+        if pending:
+            paths = tuple(pending)
+            units.append(Unit(label, paths, _layers_under(paths, names)))
+            pending.clear()
+
+    for child in order:
+        if child in BLOCK_CONTAINERS:
+            flush("stem" if not units else f"before {child}")
+            for path in _expand(model, child):
+                units.append(Unit(path, (path,), _layers_under((path,), names)))
+        else:
+            pending.append(child)
+    flush("stem" if not units else "head")
+    covered = {n for u in units for n in u.layers}
+    units.append(Unit("classifier", (HEAD,), tuple(n for n in names if n not in covered)))
+    return units
+
+
+def _layer_units(model: nn.Module) -> list[Unit]:
+    """The fallback: one unit per quantized layer, its input captured with a hook."""
+    return [Unit(n, (n,), (n,)) for n in quant_layers(model)]
+
+
+def find_units(model: nn.Module, example: Tensor) -> list[Unit]:
+    """The units of a quantized model, in the order data flows through them.
+
+    timm's blocks (``blocks`` stages of EfficientNet/MobileNet/MixNet, ResNet's ``layer1..4``,
+    ``stages``) each make a unit, with what runs before them as the stem, what runs after as the
+    head, and ``forward_head`` as the classifier. The chain is checked: run unit after unit, it
+    must give the model's own output, and every quantized layer must sit in exactly one unit.
+    Anything else gets one unit per quantized layer.
+    """
+    if not quant_layers(model):
+        raise LSQError("the model has no quantized layer: quantize it first")
+    model.eval()
+    units = _chain_units(model, example)
+    if units is not None:
+        with torch.no_grad(), float_mode(model):
+            want = model(example)
+            x = example
+            for u in units:
+                x = u.run(model, x)
+        layers = [n for u in units for n in u.layers]
+        exact = x.shape == want.shape and torch.allclose(x, want, rtol=1e-4, atol=1e-5)
+        if exact and sorted(layers) == sorted(quant_layers(model)) and all(u.layers for u in units):
+            return units
+        if exact and sorted(layers) == sorted(quant_layers(model)):
+            # Units without a quantized layer (a pooling step) merge into the next one.
+            return _merge_empty(units)
+    return _layer_units(model)
+
+
+def _merge_empty(units: list[Unit]) -> list[Unit]:
+    out: list[Unit] = []
+    carry: tuple[str, ...] = ()
+    for u in units:
+        if not u.layers and u.paths != (HEAD,):
+            carry += u.paths
+            continue
+        if carry and u.paths != (HEAD,):
+            u = Unit(u.name, carry + u.paths, u.layers)
+        elif carry:  # nothing quantized between the last block and forward_head: keep apart
+            out.append(Unit("head", carry, ()))
+        carry = ()
+        out.append(u)
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture_input(model: nn.Module, path: str, views: Tensor, batch: int, device) -> Tensor:
+    """The input of module ``path`` on every view (the model run only as far as that module)."""
+    module = model.get_submodule(path)
+    got: list[Tensor] = []
+
+    def hook(mod, inputs):
+        got.append(inputs[0].detach())
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook)
+    try:
+        for i in range(0, len(views), batch):
+            try:
+                model(views[i : i + batch].to(device))
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return torch.cat(got)
+
+
+@torch.no_grad()
+def _run_all(unit: Unit, model: nn.Module, x: Tensor, batch: int) -> Tensor:
+    return torch.cat([unit.run(model, x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def _unit_loss(out: Tensor, target: Tensor, is_logits: bool) -> Tensor:
+    if is_logits:
+        return distillation_loss(out, target)
+    return F.mse_loss(out.float(), target.float())
+
+
+@torch.no_grad()
+def _eval_loss(unit, model, x, target, is_logits, batch) -> float:
+    total = 0.0
+    for i in range(0, len(x), batch):
+        out = unit.run(model, x[i : i + batch])
+        total += float(_unit_loss(out, target[i : i + batch], is_logits)) * len(out)
+    return total / len(x)
+
+
+def reconstruct(
+    model: nn.Module,
+    teacher: nn.Module,
+    views: Tensor,
+    cfg: ReconstructConfig = ReconstructConfig(),
+    should_stop: Callable[[], bool] | None = None,
+    units: list[Unit] | None = None,
+) -> Iterator[ReconstructEvent]:
+    """Reconstruct ``model`` (quantized and calibrated) unit by unit against ``teacher`` (float).
+
+    ``views`` are the images both streams start from. The teacher must be the float model that
+    ``model`` was quantized from (same module names). Yields a ``step`` event per iteration and a
+    ``unit`` event with each unit's output error (on all views, quantized input) before and after.
+    """
+    if views.ndim != 4 or len(views) == 0:
+        raise LSQError("reconstruction needs a batch of images [N, 3, H, W] with N >= 1")
+    device = resolve_device(cfg.device)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    model.to(device).eval()
+    teacher.to(device).eval()
+    if units is None:
+        units = find_units(model, views[:1].to(device))
+    missing = [p for u in units for p in u.paths if p != HEAD and _get(teacher, p) is None]
+    if missing:
+        raise LSQError(f"the float model has no module {missing[0]!r}: not the model quantized")
+    set_kernels(model, "compiled" if cfg.compile else "eager")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = cfg.batch_size
+    n = len(views)
+    total = cfg.iters * len(units)
+    start = time.perf_counter()
+    chained = units[0].paths != units[-1].paths and units[-1].paths == (HEAD,)
+
+    x_fp = x_q = views.to(device)
+    for k, unit in enumerate(units):
+        if not chained:
+            x_fp = _capture_input(teacher, unit.paths[0], views, batch, device)
+            x_q = _capture_input(model, unit.paths[0], views, batch, device)
+        is_logits = unit.paths == (HEAD,)
+        target = _run_all(unit, teacher, x_fp, batch)
+        before = _eval_loss(unit, model, x_q, target, is_logits, batch)
+        groups = param_groups(
+            unit.modules(model), cfg.lr_weights, cfg.lr_weight_quant, cfg.lr_act_quant
+        )
+        event = None
+        if groups:
+            opt = make_optimizer(groups, "adam", relative=cfg.relative_quant_lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
+            params = [p for g in groups for p in g["params"]]
+            for it in range(cfg.iters):
+                step = k * cfg.iters + it
+                if should_stop is not None and should_stop():
+                    yield ReconstructEvent(
+                        "stopped", unit.name, k, len(units), step, total,
+                        seconds=time.perf_counter() - start, message="stopped by the user",
+                    )  # fmt: skip
+                    return
+                idx = torch.randint(n, (min(batch, n),), generator=gen).to(device)
+                xq, xf = x_q[idx], x_fp[idx]
+                if cfg.drop_prob > 0 and k > 0:
+                    keep_float = torch.rand(xq.shape, generator=gen).to(device) < cfg.drop_prob
+                    xq = torch.where(keep_float, xf, xq)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    out = unit.run(model, xq)
+                loss = _unit_loss(out, target[idx], is_logits)
+                if not torch.isfinite(loss.detach()):
+                    yield ReconstructEvent(
+                        "error", unit.name, k, len(units), step, total,
+                        loss=float(loss.detach()), seconds=time.perf_counter() - start,
+                        message=f"loss became {float(loss.detach())} in unit {unit.name} at "
+                        f"iteration {it + 1}; stopped with the last good state. Lower the "
+                        "learning rates.",
+                    )  # fmt: skip
+                    return
+                good = [p.detach().clone() for p in params]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer_step(opt)
+                project_scales_(model)
+                sched.step()
+                if not all(torch.isfinite(p).all() for p in params):
+                    with torch.no_grad():
+                        for p, g in zip(params, good, strict=True):
+                            p.copy_(g)
+                    yield ReconstructEvent(
+                        "error", unit.name, k, len(units), step + 1, total,
+                        seconds=time.perf_counter() - start,
+                        message=f"parameters of unit {unit.name} became non-finite; the last "
+                        "good state was kept. Lower the learning rates.",
+                    )  # fmt: skip
+                    return
+                event = ReconstructEvent(
+                    "step", unit.name, k, len(units), step + 1, total,
+                    loss=float(loss.detach()), seconds=time.perf_counter() - start,
+                )  # fmt: skip
+                yield event
+        after = _eval_loss(unit, model, x_q, target, is_logits, batch)
+        yield ReconstructEvent(
+            "unit", unit.name, k, len(units), (k + 1) * cfg.iters, total,
+            loss_before=before, loss_after=after, seconds=time.perf_counter() - start,
+        )  # fmt: skip
+        if chained:
+            x_q = _run_all(unit, model, x_q, batch)
+            x_fp = target
+    yield ReconstructEvent(
+        "done", units[-1].name, len(units) - 1, len(units), total, total,
+        seconds=time.perf_counter() - start, message="finished",
+    )  # fmt: skip
+
+
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def unit_frame(events: list[ReconstructEvent]):
+    """Each finished unit's output error before and after, as a DataFrame (for the chart)."""
+    import pandas as pd
+
+    rows = [
+        {"unit": e.unit, "index": e.unit_index, "before": e.loss_before, "after": e.loss_after}
+        for e in events
+        if e.kind == "unit"
+    ]
+    return pd.DataFrame(rows, columns=["unit", "index", "before", "after"])

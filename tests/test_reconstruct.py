@@ -1,0 +1,202 @@
+"""Block-wise reconstruction on toy networks, and the units of real timm architectures."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from lsq import LSQError, make_config, quantize_model
+from lsq.calibrate import calibrate
+from lsq.convert import quant_layers
+from lsq.reconstruct import HEAD, ReconstructConfig, find_units, reconstruct, unit_frame
+from lsq.train import optimizer_step, param_groups
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.pw(torch.relu(self.conv(x)))
+
+
+class ChainNet(nn.Module):
+    """Shaped like a timm model: stem, ``blocks`` run in order, head, forward_head."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, c, 3, padding=1)
+        self.act = nn.ReLU()
+        self.blocks = nn.Sequential(nn.Sequential(Block(c), Block(c)), nn.Sequential(Block(c)))
+        self.conv_head = nn.Conv2d(c, 16, 1)
+        self.classifier = nn.Linear(16, 10)
+
+    def forward_features(self, x):
+        x = self.act(self.conv_stem(x))
+        x = self.blocks(x)
+        return self.conv_head(x)
+
+    def forward_head(self, x):
+        return self.classifier(x.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+class SkipNet(nn.Module):
+    """Not a chain: the input skips over the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 3, 1)
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        y = x + self.b(torch.relu(self.a(x)))
+        return self.fc(y.mean((2, 3)))
+
+
+def data(n=64, seed=0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def quantized(net, bits=3, seed=0):
+    torch.manual_seed(seed)
+    teacher = net().eval()
+    model = copy.deepcopy(teacher)
+    cfg = make_config("lsq+", bits, bits, first_last_bits=None)
+    quantize_model(model, cfg)
+    calibrate(model, data(32, seed=1).split(16), cfg)
+    return teacher, model
+
+
+FAST = ReconstructConfig(iters=60, batch_size=16, compile=False, lr_weights=3e-4)
+
+
+def test_chain_units_cover_every_layer_once_and_rebuild_the_output():
+    teacher, model = quantized(ChainNet)
+    units = find_units(model, data(2))
+    assert [u.name for u in units] == [
+        "stem",
+        "blocks.0.0",
+        "blocks.0.1",
+        "blocks.1.0",
+        "head",
+        "classifier",
+    ]
+    assert units[-1].paths == (HEAD,)
+    layers = [n for u in units for n in u.layers]
+    assert sorted(layers) == sorted(quant_layers(model)) and len(set(layers)) == len(layers)
+
+
+def test_non_chain_model_falls_back_to_one_unit_per_layer():
+    _, model = quantized(SkipNet)
+    units = find_units(model, data(2))
+    assert [u.paths for u in units] == [("a",), ("b",), ("fc",)]
+
+
+@pytest.mark.parametrize("net", [ChainNet, SkipNet])
+def test_each_unit_loss_falls_and_the_model_gets_closer(net):
+    teacher, model = quantized(net, bits=2)
+    x = data(64, seed=2)
+    with torch.no_grad():
+        kl_before = float(nn.functional.kl_div(model(x).log_softmax(-1),
+                                               teacher(x).log_softmax(-1), log_target=True,
+                                               reduction="batchmean"))  # fmt: skip
+    events = list(reconstruct(model, teacher, x, FAST))
+    assert events[-1].kind == "done"
+    frame = unit_frame(events)
+    assert len(frame) == len(find_units(model, x[:1]))
+    assert (frame["after"] < frame["before"]).all(), frame
+    with torch.no_grad():
+        kl_after = float(nn.functional.kl_div(model(x).log_softmax(-1),
+                                              teacher(x).log_softmax(-1), log_target=True,
+                                              reduction="batchmean"))  # fmt: skip
+    assert kl_after < kl_before
+
+
+def test_reconstruction_is_seeded():
+    outs = []
+    for _ in range(2):
+        teacher, model = quantized(ChainNet)
+        list(reconstruct(model, teacher, data(32), FAST))
+        outs.append(model(data(4, seed=9)).detach())
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_stop_mid_unit_leaves_a_usable_model():
+    teacher, model = quantized(ChainNet)
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > FAST.iters + 5  # inside the second unit
+
+    events = list(reconstruct(model, teacher, data(32), FAST, should_stop=stop))
+    assert events[-1].kind == "stopped" and events[-1].unit_index == 1
+    assert sum(e.kind == "unit" for e in events) == 1
+    out = model(data(4))
+    assert torch.isfinite(out).all()
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_state():
+    teacher, model = quantized(ChainNet)
+    x = data(32)
+    x[3, 0, 0, 0] = float("nan")  # reaches the stem's loss on the first batch that draws it
+    before = copy.deepcopy(model.state_dict())
+    events = list(reconstruct(model, teacher, x, FAST))
+    assert events[-1].kind == "error" and "loss became nan" in events[-1].message
+    steps = [e for e in events if e.kind == "step"]
+    after = model.state_dict()
+    if not steps:  # the very first batch drew it: nothing changed
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+def test_teacher_must_be_the_quantized_models_float_twin():
+    _, model = quantized(ChainNet)
+    with pytest.raises(LSQError, match="float model has no module"):
+        list(reconstruct(model, SkipNet(), data(8), FAST))
+
+
+def test_bad_config_is_refused_in_words():
+    with pytest.raises(LSQError, match="drop_prob"):
+        ReconstructConfig(drop_prob=1.5)
+    with pytest.raises(LSQError, match="iters"):
+        ReconstructConfig(iters=0)
+
+
+def test_relative_step_moves_every_scale_by_the_same_fraction():
+    """Adam's first step is lr * sign(grad); relative, it becomes lr * scale * sign(grad)."""
+    from lsq.quantizers import Quantizer
+
+    q = Quantizer(4, signed=True, per_channel=True, channels=3, role="weight")
+    q.set_range(torch.tensor([5e-4, 1e-2, 5.0]))
+    w = torch.randn(3, 16)
+    groups = param_groups([q], 0.0, 1e-2, 0.0, relative=True)
+    opt = torch.optim.Adam(groups)
+    old = q.scale.detach().clone()
+    q(w * old.view(-1, 1) * 3).sum().backward()
+    optimizer_step(opt)
+    ratio = (q.scale.detach() - old).abs() / old
+    assert torch.allclose(ratio, torch.full((3,), 1e-2), rtol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch", ["efficientnet_b0", "mixnet_s", "tf_efficientnet_lite0", "resnet18"]
+)
+def test_units_of_timm_architectures_cover_every_quantized_layer_once(arch):
+    model = timm.create_model(arch, pretrained=False, num_classes=10).eval()
+    quantize_model(model, make_config("lsq+", 4, 4))
+    units = find_units(model, torch.randn(1, 3, 64, 64))
+    assert units[-1].paths == (HEAD,) and units[0].name == "stem"
+    assert len(units) > 5  # blocks, not one unit per layer and not one for everything
+    layers = [n for u in units for n in u.layers]
+    assert sorted(layers) == sorted(quant_layers(model)) and len(set(layers)) == len(layers)

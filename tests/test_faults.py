@@ -27,6 +27,18 @@ from lsq.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def manager(monkeypatch, tmp_path):
+    """A job manager of this test only (the pages see it, and no other test's job), saving runs
+    under tmp_path."""
+    import ui
+
+    own = JobManager()
+    monkeypatch.setattr(ui, "job_manager", lambda: own)
+    monkeypatch.setenv("LSQ_RUNS_DIR", str(tmp_path / "runs"))
+    return own
+
+
 # --- data ---------------------------------------------------------------------------------------
 def write_images(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,11 +139,8 @@ def test_a_failing_job_reports_its_error_and_frees_the_manager():
     assert job.status == "failed" and "ZeroDivisionError" in job.message
 
 
-def test_a_new_browser_session_sees_the_running_job(monkeypatch, tmp_path):
+def test_a_new_browser_session_sees_the_running_job(manager):
     """A refresh is a new session: it finds the job in the server's manager, with progress."""
-    import ui
-
-    manager = ui.job_manager()
     release = {"go": False}
 
     def waiting(job):
@@ -228,35 +237,73 @@ def test_server_binds_to_localhost_by_default_and_readme_says_how_to_expose_it()
 
 
 # --- the app says it in words -------------------------------------------------------------------
-def test_app_shows_a_bad_checkpoint_as_a_message(tmp_path):
+def calibrate_page(settings) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "pages" / "calibrate.py"), default_timeout=60)
+    at.session_state["settings"] = settings
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def press_calibrate(at: AppTest, manager: JobManager) -> Job:
+    [b for b in at.button if b.label.startswith("Calibrate")][0].click().run()
+    job = manager.latest("calibrate")
+    assert job is not None, "no calibration was started"
+    manager.wait(job, 120)
+    at.run()
+    assert not at.exception, at.exception
+    return job
+
+
+def test_app_shows_a_bad_checkpoint_as_a_message_until_the_settings_change(tmp_path, manager):
     from lsq.explorer import Settings
 
     bad = tmp_path / "model.pth"
     bad.write_bytes(b"this is not a checkpoint")
-    at = AppTest.from_file(str(ROOT / "pages" / "calibrate.py"), default_timeout=60)
-    at.session_state["settings"] = Settings(
+    settings = Settings(
         model=ModelSpec("tf_efficientnet_lite0", "file", str(bad)),
         data=DataConfig(resolution=32, calib_views=4, eval_views=4),
     )
-    at.run()
-    [b for b in at.button if b.label.startswith("Calibrate")][0].click().run()
-    import ui
-
-    job = ui.job_manager().latest("calibrate")
-    ui.job_manager().wait(job, 60)
-    at.run()
-    assert not at.exception
+    at = calibrate_page(settings)
+    job = press_calibrate(at, manager)
     assert job.status == "failed"
     messages = " ".join(e.value for e in at.error)
     assert "model.pth" in messages and "Traceback" not in messages
+    assert "weights_only" not in messages and str(tmp_path) not in messages
+    # Other settings in the sidebar: the old error is not theirs, so it goes.
+    at.session_state["settings"] = Settings(data=settings.data)
+    at.run()
+    assert not at.exception and not at.error
+    at.session_state["settings"] = settings  # back to the failed settings: shown again
+    at.run()
+    assert "model.pth" in " ".join(e.value for e in at.error)
 
 
-def test_stop_button_ends_training_and_the_run_is_saved_as_stopped(tmp_path, monkeypatch):
-    import ui
+def test_an_unreadable_image_is_named_on_the_page(tmp_path, manager):
+    from lsq.explorer import Settings
+
+    folder = tmp_path / "upload"
+    write_images(folder, 4)
+    (folder / "holiday.png").write_bytes(b"not a png at all")
+    settings = Settings(
+        model=ModelSpec("resnet10t", "random"),
+        data=DataConfig(source="folder", folder=str(folder), resolution=32, calib_views=4),
+        methods=("lsq+",),
+        device="cpu",
+    )
+    at = calibrate_page(settings)
+    job = press_calibrate(at, manager)
+    assert job.status == "done", job.message
+    warnings = " ".join(w.value for w in at.warning)
+    assert "holiday.png" in warnings and str(folder) not in warnings
+
+
+def test_stop_button_ends_training_and_the_run_is_saved_as_stopped(tmp_path, monkeypatch, manager):
+    import threading
+
     from lsq.explorer import Settings, calibrate_job, train_job
 
     monkeypatch.setenv("LSQ_RUNS_DIR", str(tmp_path / "runs"))
-    manager = ui.job_manager()
     settings = Settings(
         model=ModelSpec("resnet10t", "random"),
         data=DataConfig(resolution=32, calib_views=8, eval_views=8, batch_size=8),
@@ -264,16 +311,25 @@ def test_stop_button_ends_training_and_the_run_is_saved_as_stopped(tmp_path, mon
         device="cpu",
     )
     calib = manager.wait(
-        manager.submit(Job("calibrate", "c"), lambda j: calibrate_job(j, settings))
+        manager.submit(
+            Job("calibrate", "c", {"settings": settings}), lambda j: calibrate_job(j, settings)
+        )
     )
     assert calib.status == "done", calib.message
+    comp = calib.result
     tc = TrainConfig(steps=100_000, batch_size=8, compile=False, device="cpu")
-    job = manager.submit(
-        Job("train", "Training lsq+"), lambda j: train_job(j, calib.result, ["lsq+"], tc)
-    )
-    deadline = time.time() + 60
-    while not job.events and time.time() < deadline:
-        time.sleep(0.05)
+    job = Job("train", "Training lsq+", {"calibration": comp.calibration, "settings": settings})
+    stepped = threading.Event()
+    add = job.add_event
+
+    def add_event(event) -> None:
+        add(event)
+        if event[1].kind == "step":
+            stepped.set()
+
+    job.add_event = add_event
+    manager.submit(job, lambda j: train_job(j, comp, ["lsq+"], tc))
+    assert stepped.wait(60), f"training never took a step ({job.status}: {job.message})"
     at = AppTest.from_file(str(ROOT / "pages" / "train.py"), default_timeout=60)
     at.session_state["settings"] = settings
     at.run()
@@ -284,7 +340,7 @@ def test_stop_button_ends_training_and_the_run_is_saved_as_stopped(tmp_path, mon
     assert job.status == "stopped"
     runs = list_runs(tmp_path / "runs")
     trained = [r for r in runs if r.meta.get("train")]
-    assert trained and trained[0].status == "stopped"
+    assert [r.status for r in trained] == ["stopped"]
 
 
 def test_every_catalogue_line_names_tests_that_exist():

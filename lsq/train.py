@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,14 @@ from lsq.errors import LSQError
 from lsq.quantizers import SCALE_FLOOR, Quantizer, project_scales_, set_kernels
 
 OPTIMIZERS = ("adam", "sgd")
+
+
+class ViewSource(Protocol):
+    """Fresh views on demand (``lsq.data.FreshViews``, ``TensorViews``, ``MixedViews``)."""
+
+    def batch(self, step: int, n: int) -> Tensor: ...
+
+
 LOSSES = ("kd", "ce")
 
 
@@ -251,25 +260,31 @@ def optimizer_step(opt: torch.optim.Optimizer) -> None:
 def train(
     model: nn.Module,
     teacher: nn.Module,
-    train_views: Tensor,
+    train_views: Tensor | ViewSource,
     eval_views: Tensor,
     cfg: TrainConfig,
     labels: Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
-    teacher_logits: tuple[Tensor, Tensor] | None = None,
+    teacher_logits: tuple[Tensor | None, Tensor] | None = None,
 ) -> Iterator[TrainEvent]:
     """Run QAT on ``model`` (quantized and calibrated), yielding an event per step.
 
     ``teacher`` is the float model: the distillation target (``cfg.loss == "kd"``) and the
     reference for agreement; ``labels`` give class indices of ``train_views`` for cross-entropy.
-    A non-finite loss restores the state before the last update and ends with an ``error``
-    event; ``should_stop`` returning True ends with ``stopped``. ``teacher_logits`` (on
-    ``train_views``, on ``eval_views``) skips recomputing them when the caller has them.
+    ``train_views`` is a fixed tensor (each step samples from it) or a source of fresh views
+    (``lsq.data.FreshViews`` and friends: each step gets new crops, and the teacher's logits
+    are computed on them as it goes). A non-finite loss restores the state before the last
+    update and ends with an ``error`` event; ``should_stop`` returning True ends with
+    ``stopped``. ``teacher_logits`` (on ``train_views`` — None for a source — and on
+    ``eval_views``) skips recomputing them when the caller has them.
     """
-    if train_views.shape[0] == 0 or eval_views.shape[0] == 0:
+    fresh = not isinstance(train_views, Tensor)
+    if fresh and not callable(getattr(train_views, "batch", None)):
+        raise LSQError("training views must be a tensor or a view source with batch(step, n)")
+    if (not fresh and train_views.shape[0] == 0) or eval_views.shape[0] == 0:
         raise LSQError("training needs at least one training view and one evaluation view")
-    if cfg.loss == "ce" and (labels is None or labels.shape[0] != train_views.shape[0]):
-        raise LSQError("cross-entropy training needs one label per training view")
+    if cfg.loss == "ce" and (fresh or labels is None or labels.shape[0] != train_views.shape[0]):
+        raise LSQError("cross-entropy training needs a fixed set of views with one label each")
     if teacher is None:
         raise LSQError("training needs the float model as teacher (distillation and agreement)")
     device = resolve_device(cfg.device)
@@ -277,10 +292,12 @@ def train(
     model.to(device).eval()
     gen = torch.Generator().manual_seed(cfg.seed)
 
+    teacher.to(device)
     if teacher_logits is None:
-        teacher.to(device)
-        teacher_logits = (logits(teacher, train_views), logits(teacher, eval_views))
-    teacher_train, teacher_eval = (t.to(device) for t in teacher_logits)
+        on_train = None if fresh else logits(teacher, train_views)
+        teacher_logits = (on_train, logits(teacher, eval_views))
+    teacher_train = None if fresh else teacher_logits[0].to(device)
+    teacher_eval = teacher_logits[1].to(device)
 
     kernels = set_kernels(model, "compiled" if cfg.compile else "eager")
     groups = param_groups(
@@ -314,19 +331,24 @@ def train(
         message=note,
         quantizers=quantizer_snapshot(model),
     )
-    n = train_views.shape[0]
+    n = None if fresh else train_views.shape[0]
     start = time.perf_counter()
     good_state = None
     for step in range(1, cfg.steps + 1):
         if should_stop is not None and should_stop():
             yield TrainEvent("stopped", step - 1, cfg.steps, message="stopped by the user")
             return
-        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
-        x = train_views[idx].to(device)
+        if fresh:
+            x = train_views.batch(cfg.seed * 1_000_003 + step, cfg.batch_size).to(device)
+            target = logits(teacher, x, batch=len(x))
+        else:
+            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
+            x = train_views[idx].to(device)
+            target = teacher_train[idx]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             out = model(x)
         if cfg.loss == "kd":
-            loss = distillation_loss(out, teacher_train[idx].to(device))
+            loss = distillation_loss(out, target)
         else:
             loss = F.cross_entropy(out.float(), labels[idx].to(device))
         if not torch.isfinite(loss.detach()):

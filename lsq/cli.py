@@ -19,6 +19,7 @@ from lsq.config import (
     ACT_MODES,
     METHODS,
     WEIGHT_INIT_CHOICES,
+    QuantConfig,
     make_config,
     resolve_weight_init,
 )
@@ -222,19 +223,24 @@ def _fmt_metrics(m: dict) -> str:
     )
 
 
-def cmd_run(args) -> int:
-    from lsq.analysis import layer_table
-    from lsq.pipeline import finish_run, init_method, start_run, train_method, write_progress
-
-    t0 = time.perf_counter()
-    steps = whole_number(TRAIN.steps if args.steps is None else args.steps, "--steps", 0)
+def run_config(args) -> QuantConfig:
+    """The QuantConfig of ``run``'s options: the preset, weight init as in the app, overrides."""
     overrides = {"weight_init": resolve_weight_init(args.method, args.w_bits, args.weight_init)}
     for key in ("act_mode", "act_init"):
         if getattr(args, key):
             overrides[key] = getattr(args, key)
     if args.first_last_bits is not None:
         overrides["first_last_bits"] = None if args.first_last_bits == 0 else args.first_last_bits
-    config = make_config(args.method, args.w_bits, args.a_bits, **overrides)
+    return make_config(args.method, args.w_bits, args.a_bits, **overrides)
+
+
+def cmd_run(args) -> int:
+    from lsq.analysis import layer_table
+    from lsq.pipeline import finish_run, init_method, start_run, train_method, write_progress
+
+    t0 = time.perf_counter()
+    steps = whole_number(TRAIN.steps if args.steps is None else args.steps, "--steps", 0)
+    config = run_config(args)
     train_cfg = _train_cfg(args, steps) if steps > 0 else None
     bench, progress, bar = _prepare(args)
     result = init_method(bench, config, progress)

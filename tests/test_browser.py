@@ -86,7 +86,15 @@ def test_default_calibration_renders_charts_in_chromium(server):
         page.wait_for_selector("[data-testid='stPlotlyChart']", timeout=240_000)
         page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
         seconds = time.time() - start
-        page.wait_for_timeout(1500)  # let plotly finish drawing before the screenshot
+        # Plotly draws asynchronously: wait until every chart has its SVG with traces in it.
+        page.wait_for_function(
+            """() => {
+                const charts = document.querySelectorAll("[data-testid='stPlotlyChart']");
+                return charts.length >= 2 && [...charts].every(
+                    (c) => c.querySelector('.js-plotly-plot .main-svg .trace'));
+            }""",
+            timeout=60_000,
+        )
         assert page.locator("[data-testid='stException']").count() == 0
         assert page.locator("[data-testid='stPlotlyChart']").count() >= 2
         assert page.locator(".js-plotly-plot .trace").count() > 0

@@ -55,3 +55,82 @@ def test_unknown_method_lists_the_choices():
         make_config("lsqq")
     with pytest.raises(LSQError, match="unknown config field"):
         QuantConfig.from_dict({"w_bits": 4, "colour": "red"})
+
+
+@pytest.mark.parametrize(
+    "method, w_bits, choice, expected",
+    [
+        ("lsq+", 8, "auto", "mse"),
+        ("lsq+", 6, "auto", "mse"),
+        ("lsq+", 5, "auto", "3sigma"),
+        ("lsq", 4, "auto", "lsq"),
+        ("minmax", 2, "auto", "maxabs"),
+        ("lsq+", 8, "method", "3sigma"),
+        ("lsq", 3, "maxabs", "maxabs"),
+    ],
+)
+def test_weight_init_auto_is_the_methods_rule_below_6_bits_and_mse_from_6(
+    method, w_bits, choice, expected
+):
+    from lsq.config import resolve_weight_init
+
+    assert resolve_weight_init(method, w_bits, choice) == expected
+
+
+def test_the_cli_and_the_app_build_the_same_config_for_the_same_bits():
+    from lsq.cli import build_parser, run_config
+    from lsq.explorer import Settings
+
+    for w, a in [(8, 4), (4, 4), (6, 3)]:
+        for method in ("lsq+", "lsq", "minmax"):
+            args = build_parser().parse_args(
+                ["run", "--method", method, "--w-bits", str(w), "--a-bits", str(a)]
+            )
+            app = Settings(w_bits=w, a_bits=a, methods=(method,)).config(method)
+            assert run_config(args) == app, (method, w, a)
+
+
+def test_the_cli_and_the_train_page_default_to_train_config():
+    from lsq.cli import build_parser
+    from lsq.train import TrainConfig
+
+    args = build_parser().parse_args(["run"])
+    default = TrainConfig()
+    assert (args.optimizer, args.lr, args.lr_act, args.lr_wq, args.batch_size, args.seed) == (
+        default.optimizer,
+        default.lr_weights,
+        default.lr_act_quant,
+        default.lr_weight_quant,
+        default.batch_size,
+        default.seed,
+    )
+
+
+@pytest.mark.parametrize(
+    "value, lo, hi, expected",
+    [(3, 1, 5, 3), (4.0, None, None, 4), (0, 0, None, 0), (10, None, 10, 10)],
+)
+def test_whole_number_accepts(value, lo, hi, expected):
+    from lsq.validate import whole_number
+
+    got = whole_number(value, "n", lo, hi)
+    assert got == expected and type(got) is int
+
+
+@pytest.mark.parametrize(
+    "value, lo, hi, words",
+    [
+        (True, None, None, "n must be a whole number, got True"),
+        (2.5, 1, 5, "n must be a whole number from 1 to 5, got 2.5"),
+        ("3", 1, None, "n must be a whole number of at least 1, got '3'"),
+        (0, 1, 5, "from 1 to 5, got 0"),
+        (6, 1, 5, "from 1 to 5, got 6"),
+        (11, None, 10, "of at most 10, got 11"),
+    ],
+)
+def test_whole_number_refuses_in_words(value, lo, hi, words):
+    from lsq.validate import whole_number
+
+    with pytest.raises(LSQError) as caught:
+        whole_number(value, "n", lo, hi)
+    assert words in str(caught.value)

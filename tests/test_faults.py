@@ -4,6 +4,7 @@ Model-file and image faults live in test_models.py and test_data.py; bit and con
 test_config.py; the run store's crash safety in test_runs.py.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -122,7 +123,7 @@ def test_a_second_job_is_refused_while_one_runs_and_stop_ends_it():
     assert second.status == "done"
 
 
-def test_a_failing_job_reports_its_error_and_frees_the_manager():
+def test_a_failing_job_reports_its_error_and_frees_the_manager(caplog):
     manager = JobManager()
 
     def bad(job):
@@ -135,8 +136,14 @@ def test_a_failing_job_reports_its_error_and_frees_the_manager():
     def bug(job):
         raise ZeroDivisionError("oops")
 
-    job = manager.wait(manager.submit(Job("calibrate", "bug"), bug), 5)
-    assert job.status == "failed" and "ZeroDivisionError" in job.message
+    with caplog.at_level(logging.ERROR, logger="lsq.jobs"):
+        job = manager.wait(manager.submit(Job("calibrate", "bug"), bug), 5)
+    assert job.status == "failed" and "ZeroDivisionError: oops" in job.message
+    assert "server log" in job.message and "Traceback" not in job.message
+    # A bug's traceback goes to the server log, where a maintainer looks.
+    logged = [r for r in caplog.records if r.name == "lsq.jobs" and r.exc_info]
+    assert len(logged) == 1 and logged[0].exc_info[0] is ZeroDivisionError
+    assert "'bug'" in logged[0].getMessage()
 
 
 def test_a_new_browser_session_sees_the_running_job(manager):

@@ -53,9 +53,11 @@ class ReconstructConfig:
     iters: int = 80  # per unit
     batch_size: int = 32
     lr_weights: float = 3e-5
-    lr_weight_quant: float = 1e-3
-    lr_act_quant: float = 1e-3
+    lr_other: float = 3e-5  # biases and norms, absolute
+    lr_weight_quant: float = 1e-2
+    lr_act_quant: float = 1e-2
     relative_quant_lr: bool = True
+    relative_weight_lr: bool = False
     drop_prob: float = 0.5  # QDrop: chance that an input element comes from the float stream
     seed: int = 0
     device: str = "auto"
@@ -67,7 +69,7 @@ class ReconstructConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
                 raise LSQError(f"{name} must be a whole number from 1 to {hi}, got {v!r}")
-        for name in ("lr_weights", "lr_weight_quant", "lr_act_quant"):
+        for name in ("lr_weights", "lr_other", "lr_weight_quant", "lr_act_quant"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise LSQError(f"{name} must be a finite number, got {v!r}")
@@ -315,11 +317,17 @@ def reconstruct(
         target = _run_all(unit, teacher, x_fp, batch)
         before = _eval_loss(unit, model, x_q, target, is_logits, batch)
         groups = param_groups(
-            unit.modules(model), cfg.lr_weights, cfg.lr_weight_quant, cfg.lr_act_quant
+            unit.modules(model),
+            cfg.lr_weights,
+            cfg.lr_weight_quant,
+            cfg.lr_act_quant,
+            relative=cfg.relative_quant_lr,
+            relative_weights=cfg.relative_weight_lr,
+            lr_other=cfg.lr_other,
         )
         event = None
         if groups:
-            opt = make_optimizer(groups, "adam", relative=cfg.relative_quant_lr)
+            opt = make_optimizer(groups, "adam")
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
             params = [p for g in groups for p in g["params"]]
             for it in range(cfg.iters):

@@ -171,15 +171,21 @@ def param_groups(
     lr_act_quant: float,
     train_weights: bool = True,
     relative: bool = False,
+    relative_weights: bool = False,
+    lr_other: float | None = None,
 ) -> list[dict]:
-    """Parameter groups of ``modules``: weights (with biases and norms), weight quantizers, and
-    activation quantizers, each with its learning rate.
+    """Parameter groups of ``modules``: quantized weights, other parameters (biases, norms),
+    weight quantizers and activation quantizers, each with its learning rate.
 
     With ``relative`` the quantizer groups carry each parameter's reference scale (``refs``: the
     quantizer's own scale, for the scale and for the offset), and ``optimizer_step`` turns their
-    update into one relative to that scale.
+    update into one relative to that scale; with ``relative_weights`` a quantized layer's weight
+    moves in units of its own quantization step (``lr_weights`` is then a fraction of a step).
+    ``lr_other`` (default ``lr_weights``) is the absolute rate of biases and norms.
     """
-    act, wq, weights, seen = [], [], [], set()
+    from lsq.convert import quant_layers
+
+    act, wq, weights, other, seen = [], [], [], [], set()
     for module in modules:
         for q in module.modules():
             if not isinstance(q, Quantizer):
@@ -190,18 +196,30 @@ def param_groups(
                 seen.add(id(p))
                 if p.requires_grad:
                     (act if q.role == "activation" else wq).append((p, q.scale))
+    step_of = {}
+    for module in modules:
+        for layer in [module, *quant_layers(module).values()]:
+            if hasattr(layer, "weight_quant") and layer.weight_quant.enabled:
+                step_of[id(layer.layer.weight)] = layer.weight_quant.scale
     for module in modules:
         for p in module.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
                 p.requires_grad_(train_weights)
                 if train_weights:
-                    weights.append(p)
-    groups = [{"params": weights, "lr": lr_weights, "name": "weights"}]
-    for name, lr, pairs in (
-        ("weight_quant", lr_weight_quant, wq),
-        ("act_quant", lr_act_quant, act),
-    ):
+                    (weights if id(p) in step_of else other).append(p)
+    groups = [
+        {
+            "params": weights,
+            "refs": [step_of[id(p)] for p in weights],
+            "relative": relative_weights,
+            "lr": lr_weights,
+            "name": "weights",
+        },
+        {"params": other, "lr": lr_weights if lr_other is None else lr_other, "name": "other"},
+    ]
+    quant = (("weight_quant", lr_weight_quant, wq), ("act_quant", lr_act_quant, act))
+    for name, lr, pairs in quant:
         groups.append(
             {
                 "params": [p for p, _ in pairs],
@@ -227,7 +245,7 @@ def make_optimizer(
     """
     if relative is not None:
         for g in groups:
-            if "refs" in g:
+            if g["name"] in ("weight_quant", "act_quant"):
                 g["relative"] = relative
     if kind == "adam":
         return torch.optim.Adam(groups, weight_decay=weight_decay)
@@ -250,6 +268,8 @@ def optimizer_step(opt: torch.optim.Optimizer) -> None:
             for p, ref in zip(g["params"], g["refs"], strict=True):
                 if p.grad is not None:
                     r = ref.detach().abs().clamp_min(SCALE_FLOOR)
+                    if r.dim() == 1 and p.dim() > 1:  # per-channel step of a weight
+                        r = r.view(-1, *([1] * (p.dim() - 1)))
                     saved.append((p, p.detach().clone(), r.clone()))
     opt.step()
     with torch.no_grad():
@@ -376,7 +396,7 @@ def train(
             step,
             cfg.steps,
             loss=float(loss.detach()),
-            lr_weights=lr_of("weights"),
+            lr_weights=lr_of("weights", "other"),
             lr_quant=lr_of("act_quant", "weight_quant"),
             seconds=time.perf_counter() - start,
             quantizers=quantizer_snapshot(model),

@@ -126,46 +126,53 @@ def _new_id() -> str:
 class Comparison:
     """The methods of one settings side by side: a published, frozen set of results.
 
-    ``initial`` holds each method right after init and never changes; ``trained`` the latest
-    trained result of each method trained so far. ``calibration`` names the calibration every
-    result here descends from (pages show nothing of another); ``id`` names this publication.
+    ``initial`` holds each method right after init and never changes; ``later`` the latest
+    result of each method at each later stage reached so far (reconstructed, trained).
+    ``calibration`` names the calibration every result here descends from (pages show nothing
+    of another); ``id`` names this publication.
     """
 
     settings: Settings
     bench: Workbench
     initial: Mapping[str, MethodResult]
-    trained: Mapping[str, MethodResult] = field(default_factory=dict)
+    later: Mapping[Stage, Mapping[str, MethodResult]] = field(default_factory=dict)
     runs: Mapping[str, str] = field(default_factory=dict)
     calibration: str = field(default_factory=_new_id)
     id: str = field(default_factory=_new_id)
+
+    @property
+    def trained(self) -> Mapping[str, MethodResult]:
+        """The latest trained result of each method trained so far."""
+        return self.later.get(Stage.TRAINED, {})
 
     def results(self, stage: Stage | str = Stage.INITIALISED) -> dict[str, MethodResult]:
         """The results of one stage, by method (only the methods that reached it)."""
         if stage == Stage.INITIALISED:
             return dict(self.initial)
-        if stage == Stage.TRAINED:
-            return dict(self.trained)
-        raise LSQError(f"no {stage} results in this comparison")
+        return dict(self.later.get(Stage(stage), {}))
 
     @property
     def stages(self) -> list[Stage]:
-        """The stages that have results, earliest first."""
-        return [Stage.INITIALISED] + ([Stage.TRAINED] if self.trained else [])
+        """The stages that have results, in the order of the flow."""
+        return [s for s in Stage if s == Stage.INITIALISED or self.later.get(s)]
 
-    def with_trained(self, trained: Mapping[str, MethodResult]) -> Comparison:
-        """A new publication with ``trained`` replacing those methods' trained results."""
+    def with_results(self, results: Mapping[str, MethodResult]) -> Comparison:
+        """A new publication where ``results`` replace those methods' results of their stage."""
+        later = {stage: dict(by_method) for stage, by_method in self.later.items()}
+        for method, r in results.items():
+            if r.stage == Stage.INITIALISED:
+                raise LSQError("initialised results are published by a calibration only")
+            later.setdefault(r.stage, {})[method] = r
         runs = {**self.runs}
-        runs.update({m: str(r.run_path) for m, r in trained.items() if r.run_path is not None})
-        return dataclasses.replace(
-            self, trained={**self.trained, **trained}, runs=runs, id=_new_id()
-        )
+        runs.update({m: str(r.run_path) for m, r in results.items() if r.run_path is not None})
+        return dataclasses.replace(self, later=later, runs=runs, id=_new_id())
 
     def metrics_frame(self, stage: Stage | str = Stage.INITIALISED) -> pd.DataFrame:
-        """One row per method: its numbers at ``stage``, or right after init with "not trained"
-        when it has not been trained."""
+        """One row per method: its numbers at ``stage``, or right after init (with "not trained",
+        say) when it has not reached that stage."""
         rows = []
         for method, first in self.initial.items():
-            r = self.trained.get(method, first) if stage == Stage.TRAINED else first
+            r = self.results(stage).get(method, first)
             label = r.label if r.stage == stage else f"not {stage}"
             rows.append({"method": method, "config": r.config.label, "stage": label, **r.metrics})
         return pd.DataFrame(rows)
@@ -248,7 +255,7 @@ def train_job(
             bench, start, train_cfg, on_event=on_event, should_stop=job.stop_requested
         )
         trained[method] = finish_run(run, bench, result)
-    return comp.with_trained(trained)
+    return comp.with_results(trained)
 
 
 def events_frames(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -17,7 +17,11 @@ if len(stages) > 1:
         "Results",
         stages,
         index=len(stages) - 1,
-        format_func={"initialised": "right after init", "trained": "after training"}.get,
+        format_func={
+            "initialised": "right after init",
+            "reconstructed": "after reconstruction",
+            "trained": "after training",
+        }.get,
         horizontal=True,
         key="layers_stage",
     )

@@ -11,6 +11,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import ui
+from lsq.errors import LSQError
 from lsq.explorer import Settings, calibrate_job, train_job
 from lsq.jobs import Job, JobManager
 from lsq.pipeline import DataConfig, ModelSpec, Stage
@@ -144,3 +145,22 @@ def test_opening_the_layers_page_while_training_runs_changes_nothing(calibrated,
     at.run()
     assert not at.exception, at.exception
     assert at.get("plotly_chart")
+
+
+def test_a_later_stage_is_published_beside_the_initialised_results(calibrated):
+    import dataclasses
+
+    comp = calibrated
+    rebuilt = dataclasses.replace(comp.initial["lsq+"], stage=Stage.RECONSTRUCTED)
+    later = comp.with_results({"lsq+": rebuilt})
+    assert comp.stages == [Stage.INITIALISED] and not comp.later  # the old one is unchanged
+    assert later.stages == [Stage.INITIALISED, Stage.RECONSTRUCTED]
+    assert later.id != comp.id and later.calibration == comp.calibration
+    assert later.results("reconstructed") == {"lsq+": rebuilt}
+    frame = later.metrics_frame("reconstructed")
+    assert dict(zip(frame["method"], frame["stage"], strict=True)) == {
+        "lsq+": "reconstructed",
+        "minmax": "not reconstructed",
+    }
+    with pytest.raises(LSQError, match="calibration only"):
+        comp.with_results({"lsq+": comp.initial["lsq+"]})

@@ -6,7 +6,7 @@ Everything returns plain numbers or pandas DataFrames; plots.py draws them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pandas as pd
 import torch
@@ -88,9 +88,14 @@ def _layer_outputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def layer_table(
-    model: nn.Module, stats: dict[str, ActStats] | None = None, views: Tensor | None = None
+    model: nn.Module,
+    stats: dict[str, ActStats] | None = None,
+    views: Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """One row per quantized layer: bits, ranges, clipping, and three SQNRs (dB).
+
+    ``progress(done, total)`` is called after each layer.
 
     weight_sqnr: the weight against its fake-quantized self. input_sqnr: the calibration sample
     of the layer's input against its fake-quantized self (needs ``stats``). output_sqnr: the
@@ -104,7 +109,10 @@ def layer_table(
             outputs_f = _layer_outputs(model, views)
         outputs_q = _layer_outputs(model, views)
     rows = []
-    for i, (name, layer) in enumerate(quant_layers(model).items()):
+    layers = quant_layers(model)
+    for i, (name, layer) in enumerate(layers.items()):
+        if progress is not None:
+            progress(i, len(layers))
         aq, wq = layer.input_quant, layer.weight_quant
         lo, hi = (float(v) for v in aq.clip_range()) if bool(aq.initialized) else (math.nan,) * 2
         w = layer.layer.weight

@@ -287,8 +287,12 @@ def layers_job(job: Job, comp: Comparison, stage: Stage | str = Stage.INITIALISE
     for i, (method, r) in enumerate(results.items()):
         if job.stop_requested():
             break
-        job.progress(f"measuring every layer of {method}", i, len(results))
-        df = layer_table(r.copy_model(), bench.stats, views)
+        stage_text = f"measuring every layer of {method} ({i + 1}/{len(results)})"
+
+        def progress(done: int, total: int, stage_text=stage_text) -> None:
+            job.progress(stage_text, done, total)
+
+        df = layer_table(r.copy_model(), bench.stats, views, progress)
         df.insert(0, "method", method)
         frames.append(df)
     job.progress("done", len(frames), len(results))

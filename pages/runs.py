@@ -70,9 +70,10 @@ for run in opened:
         st.dataframe(run.tables["layers"], hide_index=True)
         st.download_button(
             "Per-layer CSV",
-            run.tables["layers"].to_csv(index=False),
+            lambda table=run.tables["layers"]: table.to_csv(index=False),
             file_name=f"{run.info.name}-layers.csv",
             key=f"csv-{run.info.name}",
+            on_click="ignore",
         )
     state = run.info.path / "state.safetensors"
     if state.exists():

@@ -164,3 +164,45 @@ def test_a_later_stage_is_published_beside_the_initialised_results(calibrated):
     }
     with pytest.raises(LSQError, match="calibration only"):
         comp.with_results({"lsq+": comp.initial["lsq+"]})
+
+
+def test_after_calibrating_other_settings_no_page_shows_the_old_results(calibrated, manager):
+    import dataclasses
+
+    from lsq.explorer import sensitivity_job
+
+    comp = calibrated
+    params = {"calibration": comp.calibration, "settings": TINY}
+    trained = manager.submit(
+        Job("train", "Training lsq+", params), lambda j: train_job(j, comp, ["lsq+"], train_cfg(2))
+    )
+    manager.wait(trained, 120)
+    sens_params = {**params, "comparison": trained.result.id, "stage": "trained"}
+    sens = manager.submit(
+        Job("sensitivity", "Sensitivity", {**sens_params, "method": "lsq+"}),
+        lambda j: sensitivity_job(j, trained.result, "lsq+", "trained"),
+    )
+    manager.wait(sens, 120)
+    assert (trained.status, sens.status) == ("done", "done")
+
+    other = dataclasses.replace(TINY, w_bits=4)
+    job = Job("calibrate", "Calibration", {"settings": other})
+    manager.wait(manager.submit(job, lambda j: calibrate_job(j, other)), 120)
+    assert job.status == "done", job.message
+
+    at = AppTest.from_file(str(ROOT / "pages" / "train.py"), default_timeout=60)
+    at.session_state["settings"] = other
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.success and not at.get("plotly_chart")  # no "finished", no old curves
+    assert any("none trained yet" in i.value for i in at.info)
+    assert any("W4A4" in c.value for c in at.caption)  # labelled with the new settings
+
+    layers = AppTest.from_file(str(ROOT / "pages" / "layers.py"), default_timeout=60)
+    layers.session_state["settings"] = other
+    layers.run()
+    manager.wait(manager.latest("layers"), 120)
+    layers.run()
+    assert not layers.exception, layers.exception
+    assert "layers_stage" not in layers.session_state  # the new calibration has no trained stage
+    assert len(layers.get("plotly_chart")) == 2  # per-layer error and histogram: no old sensitivity

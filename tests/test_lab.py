@@ -1,0 +1,191 @@
+"""lsq.lab: clipping vs rounding error, the range lab's model-level numbers, the intro picture."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lsq import LSQError, make_config, quantize_model
+from lsq.calibrate import calibrate
+from lsq.convert import quant_layers
+from lsq.lab import (
+    LabSetting,
+    RangeLab,
+    error_split,
+    intro_grids,
+    setting_from_state,
+    setting_of,
+    snap,
+    swish_sample,
+)
+from lsq.train import distillation_loss
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_clip_plus_round_is_the_total_mse(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(20_000, generator=g) * 3 + 1
+    scale = float(torch.rand((), generator=g)) * 0.5 + 0.05
+    offset = float(torch.randn((), generator=g))
+    for qmin, qmax, off in ((0, 15, offset), (-8, 7, None), (0, 3, None)):
+        s = error_split(x, scale, off, qmin, qmax)
+        direct = float(
+            (torch.clamp(((x - (off or 0)) / scale), qmin, qmax).round() * scale + (off or 0) - x)
+            .double()
+            .pow(2)
+            .mean()
+        )
+        assert s.clip + s.round == pytest.approx(s.total, rel=1e-12)
+        assert s.total == pytest.approx(direct, rel=1e-5)
+        assert s.clip > 0 and s.round > 0
+
+
+def test_split_against_hand_values():
+    # s = 1, grid [0, 2]: -1 -> 0 (clipped, error 1), 0.5 -> 0 (rounded, 0.25), 3 -> 2 (clipped, 1)
+    s = error_split(torch.tensor([-1.0, 0.5, 3.0]), 1.0, None, 0, 2)
+    assert s.clip == pytest.approx(2 / 3) and s.round == pytest.approx(0.25 / 3)
+    assert s.clipped == pytest.approx(2 / 3)
+
+
+def test_no_clipping_error_when_the_range_covers_the_data():
+    x = swish_sample(10_000)
+    lo, hi = float(x.min()), float(x.max())
+    for grid in ("asymmetric", "signed"):
+        covering = LabSetting.from_range(4, grid, lo - 1e-6, max(hi, -lo) + 1e-6)
+        split = covering.split(x)
+        assert split.clip == 0 and split.clipped == 0 and split.round > 0
+    # Unsigned cannot cover Swish's negatives: those are clipped.
+    assert snap(x.float(), "minmax", 4, "unsigned").split(x).clip > 0
+
+
+def test_setting_from_range_and_back():
+    s = LabSetting.from_range(4, "asymmetric", -0.3, 2.7)
+    assert (s.lo, s.hi) == pytest.approx((-0.3, 2.7)) and len(s.levels) == 16
+    signed = LabSetting.from_range(3, "signed", -123.0, 3.0)  # lo follows from the grid
+    assert signed.hi == pytest.approx(3.0) and signed.lo == pytest.approx(-4 * 3.0 / 3)
+    back = setting_of(s.quantizer())  # float32 parameters
+    assert (back.bits, back.grid) == (4, "asymmetric")
+    assert (back.scale, back.offset) == pytest.approx((s.scale, s.offset), rel=1e-6)
+    with pytest.raises(LSQError, match="above its low end"):
+        LabSetting.from_range(4, "asymmetric", 1.0, 1.0)
+    with pytest.raises(LSQError, match="grid must be"):
+        LabSetting(4, "float", 1.0)
+
+
+def test_intro_lsq_plus_beats_both_lsq_grids_at_every_bit_width():
+    x = swish_sample(20_000)
+    for bits in (2, 3, 4, 8):
+        grids = {g.name: g for g in intro_grids(bits, x)}
+        assert list(grids) == ["lsq", "lsq-signed", "lsq+"]
+        plus = grids["lsq+"].split.total
+        assert plus <= grids["lsq"].split.total and plus <= grids["lsq-signed"].split.total
+        assert grids["lsq"].split.clip > 0  # the unsigned grid clips the negatives
+        for g in grids.values():
+            assert g.split.clip + g.split.round == pytest.approx(g.split.total, rel=1e-12)
+
+
+class Plain(nn.Module):
+    """No forward_features: the lab must fall back to whole forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.silu(self.a(x))
+        x = torch.nn.functional.silu(self.b(x)) - 0.1
+        return self.fc(x.mean((2, 3)))
+
+
+def quantized(model: nn.Module, views: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    config = make_config("lsq+", 8, 4)
+    quantize_model(model.eval(), config)
+    calibrate(model, views.split(8), config)
+    return model
+
+
+@pytest.fixture(scope="module")
+def views():
+    return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.pw(torch.nn.functional.silu(self.conv(x)))
+
+
+class Chain(nn.Module):
+    """Shaped like a timm model: stem, ``blocks`` run in order, head, forward_head."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, c, 3, padding=1)
+        self.act = nn.SiLU()
+        self.blocks = nn.Sequential(nn.Sequential(Block(c), Block(c)), nn.Sequential(Block(c)))
+        self.conv_head = nn.Conv2d(c, 16, 1)
+        self.classifier = nn.Linear(16, 10)
+
+    def forward_features(self, x):
+        return self.conv_head(self.blocks(self.act(self.conv_stem(x))))
+
+    def forward_head(self, x):
+        return self.classifier(x.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.fixture(scope="module")
+def chain_model(views):
+    torch.manual_seed(0)
+    return quantized(Chain(), views)
+
+
+@pytest.mark.parametrize("which", ["chain", "plain"])
+def test_lab_kl_is_zero_off_and_equals_a_full_forward_for_the_mse_range(which, chain_model, views):
+    model = chain_model if which == "chain" else quantized(Plain(), views)
+    names = list(quant_layers(model))
+    for layer in (names[1], names[len(names) // 2]):
+        lab = RangeLab(model, layer, views)
+        if which == "chain":
+            assert lab.units_run is not None and lab.units_run < 6  # only the tail runs
+        else:
+            assert lab.units_run is None
+        off = lab.evaluate(None)
+        assert off.kl == 0 and off.agreement == 1 and math.isinf(off.output_sqnr_db)
+        mse = lab.snap("mse", 2, "asymmetric")
+        got = lab.evaluate(mse)
+        full = lab.full_forward(mse, views)
+        float_logits = lab.full_forward(None, views)
+        want = float(distillation_loss(full, float_logits))
+        assert got.kl > 0
+        assert got.kl == pytest.approx(want, rel=1e-4, abs=1e-7)
+        assert lab.evaluate(None).kl == 0  # an update leaves nothing behind
+        # The lab works on a copy: the model's own quantizers are untouched.
+        assert quant_layers(model)[layer].input_quant.enabled
+
+
+def test_snap_kinds_and_learned_setting_from_a_state_dict(chain_model, views):
+    layer = list(quant_layers(chain_model))[3]
+    lab = RangeLab(chain_model, layer, views)
+    lo, hi = lab.observed
+    mm = lab.snap("minmax", 4, "asymmetric")
+    assert (mm.lo, mm.hi) == pytest.approx((lo, hi), rel=1e-5)
+    assert lab.snap("lsq", 4, "unsigned").lo == 0
+    mse = lab.snap("mse", 4, "asymmetric")
+    assert mse.split(lab.input).total <= mm.split(lab.input).total
+    learned = setting_from_state(chain_model.state_dict(), layer, 4, asymmetric=True)
+    assert learned == setting_of(quant_layers(chain_model)[layer].input_quant)
+    with pytest.raises(LSQError, match="no input quantizer"):
+        setting_from_state({}, layer, 4, True)
+    with pytest.raises(LSQError, match="no quantized layer"):
+        RangeLab(chain_model, "nope", views)

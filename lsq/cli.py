@@ -38,6 +38,7 @@ EPILOG = """examples:
   python -m lsq run --method lsq --w-bits 8 --a-bits 4 --steps 20 --resolution 160
   python -m lsq compare --methods lsq+,lsq,lsq-signed,minmax --bits 4,2
   python -m lsq runs                                 # list saved runs
+  python -m lsq health RUN                           # health checks of a saved run
 """
 
 
@@ -335,6 +336,20 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    from lsq.health import run_health
+    from lsq.runs import load_run
+
+    run = load_run(args.run, args.runs_dir)
+    report = run_health(run)
+    if report.empty:
+        print(f"{run.info.name}: no findings")
+        return 0
+    print(f"{run.info.name}: {len(report)} finding(s)")
+    print(report.to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lsq",
@@ -384,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
     ls = sub.add_parser("runs", help="list saved runs")
     ls.set_defaults(func=cmd_runs)
+    h = sub.add_parser("health", help="health checks of a saved run, one line per finding")
+    h.add_argument("run", help="the run's folder name (see `runs`)")
+    h.set_defaults(func=cmd_health)
     return p
 
 

@@ -1,0 +1,145 @@
+"""lsq.health: each check fires on a model built to trigger it and stays silent on a healthy one."""
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from lsq import make_config, quantize_model
+from lsq.analysis import layer_table
+from lsq.calibrate import calibrate
+from lsq.cli import main
+from lsq.convert import quant_layers
+from lsq.health import CHECKS, model_health, run_health
+from lsq.quantizers import SCALE_FLOOR
+from lsq.runs import Run, load_run
+
+
+class Net(nn.Module):
+    """Swish activations (negative inputs downstream), a plain chain of convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = nn.functional.silu(self.a(x))
+        x = nn.functional.silu(self.b(x))
+        return self.fc(nn.functional.silu(self.c(x)).mean((2, 3)))
+
+
+VIEWS = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def build(method: str = "lsq+", bits: int = 8):
+    torch.manual_seed(0)
+    model = Net().eval()
+    config = make_config(method, bits, bits)
+    quantize_model(model, config)
+    stats, _ = calibrate(model, VIEWS.split(4), config)
+    return model, stats
+
+
+def found(report: pd.DataFrame) -> set[tuple[str, str]]:
+    return set(zip(report["layer"], report["check"], strict=True))
+
+
+def test_a_healthy_model_has_no_findings():
+    model, stats = build()
+    healthy_traj = pd.DataFrame({"step": [0, 1, 2], "layer": "b", "scale": [1.0, 0.95, 0.9]})
+    report = model_health(model, stats, healthy_traj)
+    assert report.empty, report.to_string()
+    assert list(report.columns) == ["layer", "check", "reason"]
+
+
+def test_negative_inputs_into_an_unsigned_grid():
+    model, stats = build("lsq-unsigned")
+    report = model_health(model, stats)
+    assert {("b", "negative_input"), ("c", "negative_input")} <= found(report)
+    reason = report[report["check"] == "negative_input"]["reason"].iloc[0]
+    assert "negative" in reason and "unsigned" in reason
+
+
+def test_scale_at_the_floor_and_dead_channels():
+    model, stats = build()
+    layers = quant_layers(model)
+    layers["b"].input_quant.set_range(torch.tensor(SCALE_FLOOR), torch.tensor(0.0))
+    with torch.no_grad():
+        layers["c"].layer.weight[2].zero_()  # dead channel: its scale at the floor is expected
+        layers["c"].weight_quant.scale[2] = SCALE_FLOOR
+        layers["a"].weight_quant.scale[1] = SCALE_FLOOR  # not dead: a real problem
+    report = model_health(model, stats)
+    assert found(report) == {
+        ("b", "scale_floor"),
+        ("c", "dead_channels"),
+        ("a", "scale_floor"),
+    }, report.to_string()
+    assert "1 of 8 output channels" in report[report["check"] == "dead_channels"]["reason"].iloc[0]
+
+
+def test_offset_outside_the_data_and_a_range_much_wider_than_the_data():
+    model, stats = build()
+    layers = quant_layers(model)
+    s_b = layers["b"].input_quant.scale.detach().clone()
+    layers["b"].input_quant.set_range(s_b, torch.tensor(stats["b"].max + 1.0))
+    s_c = layers["c"].input_quant.scale.detach().clone()
+    off_c = layers["c"].input_quant.offset.detach().clone()
+    layers["c"].input_quant.set_range(s_c * 20, off_c)
+    report = model_health(model, stats)
+    assert ("b", "offset_outside") in found(report)
+    assert ("c", "range_too_wide") in found(report)
+    assert ("c", "offset_outside") not in found(report)
+
+
+def test_a_collapsing_scale_during_qat():
+    model, stats = build()
+    traj = pd.DataFrame(
+        {
+            "method": ["lsq+"] * 4,
+            "step": [0, 1, 2, 3],
+            "layer": ["b"] * 4,
+            "scale": [1.0, 0.5, 0.2, 0.1],
+        }
+    )
+    report = model_health(model, stats, traj)
+    assert found(report) == {("b", "scale_collapse")}
+    assert "10x smaller" in report["reason"].iloc[0]
+
+
+def test_a_saved_run_gives_the_same_findings_and_the_cli_prints_them(tmp_path, capsys):
+    model, stats = build("lsq-unsigned")
+    with torch.no_grad():
+        quant_layers(model)["c"].layer.weight[0].zero_()
+    run = Run.create("net", make_config("lsq-unsigned", 8, 8), root=tmp_path)
+    run.write_table("layers", layer_table(model, stats))
+    run.write_state({k: v.detach() for k, v in model.state_dict().items()})
+    run.finish()
+    live = model_health(model, stats)
+    saved = run_health(load_run(run.name, root=tmp_path))
+    assert found(saved) == found(live) and len(saved) >= 3
+    assert set(saved["check"]) <= set(CHECKS)
+    assert main(["--runs-dir", str(tmp_path), "health", run.name]) == 0
+    out = capsys.readouterr().out
+    assert "negative_input" in out and "dead_channels" in out and " c " in f" {out} "
+
+
+def test_cli_health_of_a_healthy_run_and_of_a_missing_one(tmp_path, capsys):
+    model, stats = build()
+    run = Run.create("net", make_config("lsq+", 8, 8), root=tmp_path)
+    run.write_table("layers", layer_table(model, stats))
+    run.write_state({k: v.detach() for k, v in model.state_dict().items()})
+    run.finish()
+    assert main(["--runs-dir", str(tmp_path), "health", run.name]) == 0
+    assert "no findings" in capsys.readouterr().out
+    assert main(["--runs-dir", str(tmp_path), "health", "no-such-run"]) == 2
+    assert "no-such-run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_every_check_is_documented(check):
+    import lsq.health
+
+    assert check in lsq.health.__doc__

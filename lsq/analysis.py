@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lsq.calibrate import ActStats
 from lsq.convert import QuantLayer, float_mode, quant_layers, switched
+from lsq.lab import error_split
 from lsq.train import distillation_loss, logits
 
 GROUPS = ("stem", "depthwise", "expansion", "projection", "conv", "head", "classifier")
@@ -93,7 +94,9 @@ def layer_table(
     views: Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
-    """One row per quantized layer: bits, ranges, clipping, and three SQNRs (dB).
+    """One row per quantized layer: bits, ranges, clipping, three SQNRs (dB), and the input
+    quantization MSE split into clip_error and round_error (``lsq.lab.error_split``; their sum is
+    the MSE behind input_sqnr_db, input_power its signal).
 
     ``progress(done, total)`` is called after each layer.
 
@@ -145,6 +148,11 @@ def layer_table(
             if bool(aq.initialized) and sample.numel():
                 with switched([aq], True):
                     row["input_sqnr_db"] = sqnr_db(sample, aq(sample.to(aq.scale.device)).cpu())
+                off = aq.offset.detach().cpu() if aq.offset is not None else None
+                split = error_split(
+                    sample, aq.effective_scale().detach().cpu(), off, aq.qmin, aq.qmax
+                )
+                row.update(clip_error=split.clip, round_error=split.round, input_power=split.power)
         if outputs_f is not None and name in outputs_f:
             row["output_sqnr_db"] = sqnr_db(outputs_f[name], outputs_q[name])
         rows.append(row)

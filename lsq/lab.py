@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from lsq.analysis import sqnr_db
 from lsq.convert import quant_layers, quantizers
 from lsq.errors import LSQError
 from lsq.init import lsq_init, minmax_init, mse_init
@@ -332,6 +331,8 @@ class RangeLab:
             _, out, logits = self._run()
         finally:
             self.target.input_quant.enabled = False
+        from lsq.analysis import sqnr_db  # analysis uses error_split: imported here, not on top
+
         kl = float(distillation_loss(logits, self.reference))
         agree = float((logits.argmax(-1) == self.reference.argmax(-1)).float().mean())
         return LabResult(

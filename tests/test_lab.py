@@ -189,3 +189,16 @@ def test_snap_kinds_and_learned_setting_from_a_state_dict(chain_model, views):
         setting_from_state({}, layer, 4, True)
     with pytest.raises(LSQError, match="no quantized layer"):
         RangeLab(chain_model, "nope", views)
+
+
+def test_layer_table_splits_each_input_error_into_clipping_and_rounding(chain_model, views):
+    from lsq.analysis import layer_table
+
+    config = make_config("lsq+", 8, 4)
+    stats, _ = calibrate(chain_model, views.split(8), config)
+    table = layer_table(chain_model, stats)
+    total = table["input_power"] / 10 ** (table["input_sqnr_db"] / 10)
+    assert (table["clip_error"] + table["round_error"]).to_numpy() == pytest.approx(
+        total.to_numpy(), rel=1e-4
+    )
+    assert (table["clip_error"] >= 0).all() and (table["round_error"] > 0).all()

@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import plotly.io as pio
+from plotly.subplots import make_subplots
 
 #: One colour per method, the same in every figure (Okabe-Ito, colour-blind safe).
 METHOD_COLORS: dict[str, str] = {
@@ -46,6 +47,8 @@ FONT_SIZE = 16
 TITLE_SIZE = 22
 NO_DATA = "no data"
 INF_MARGIN = 10.0  # +inf is drawn this far above the largest finite value
+MAX_LEVEL_LINES = 32  # more levels than this are drawn as a range and a tick band
+TICK_BAND = 0.08  # height of the tick band, as a share of the count axis
 
 METRIC_LABELS: dict[str, str] = {
     "loss": "training loss",
@@ -183,6 +186,20 @@ def _segments(
     return x, y, t
 
 
+def _layer_names_axis(fig: go.Figure, data: pd.DataFrame) -> None:
+    """Label the layer-index axis with the layer names the pickers use, "index · name"."""
+    names = data.dropna(subset=["index"]).groupby("index", sort=True)["layer"].first()
+    if names.empty:
+        return
+    fig.update_xaxes(
+        tickvals=[float(i) for i in names.index],
+        ticktext=[f"{int(i)} · {n}" for i, n in names.items()],
+        tickangle=-60,
+        tickfont={"size": FONT_SIZE - 5},
+    )
+    fig.update_layout(margin={"b": 190})
+
+
 # ------------------------------------------------------------------------------------ ranges
 
 
@@ -308,7 +325,8 @@ def ranges_figure(df: pd.DataFrame, log_scale: bool = False) -> go.Figure:
         y_title = "value (symlog: sign·log10(1+|x|))"
     fig.update_yaxes(zeroline=True, zerolinecolor="#999999", zerolinewidth=1)
     fig.update_layout(barmode="overlay", hovermode="closest")
-    return _style(fig, title, "layer index", y_title)
+    _layer_names_axis(fig, data)
+    return _style(fig, title, "layer", y_title)
 
 
 # --------------------------------------------------------------------------------- histogram
@@ -497,16 +515,73 @@ def _vertical_lines(
 
 
 def _level_lines(method: str, grid: Grid, y: _YSpan) -> go.Scatter:
+    """A grid's levels: full-height lines when there are at most MAX_LEVEL_LINES of them;
+    otherwise its range as two full-height lines and every level as a short tick at the top
+    (a tick band), so 256 levels do not hide the histogram."""
     n = len(grid.levels)
-    return _vertical_lines(
-        grid.levels,
-        [f"{method} level {k + 1}/{n}: {_fmt(v)}" for k, v in enumerate(grid.levels)],
-        y,
-        f"{method}: {n} levels",
-        {"color": method_color(method), "width": 2.0 if method == PROMINENT else 1.2},
+    style = {"color": method_color(method), "width": 2.0 if method == PROMINENT else 1.2}
+    texts = [f"{method} level {k + 1}/{n}: {_fmt(v)}" for k, v in enumerate(grid.levels)]
+    if n <= MAX_LEVEL_LINES:
+        return _vertical_lines(
+            grid.levels, texts, y, f"{method}: {n} levels", style, legendgroup=method, opacity=0.85
+        )
+    if y.log:
+        top = math.log10(y.top)
+        tick_bottom = 10 ** (top - TICK_BAND * (top - math.log10(y.bottom)))
+    else:
+        tick_bottom = y.top - TICK_BAND * (y.top - y.bottom)
+    bounds = grid.bounds() or [grid.levels[0], grid.levels[-1]]
+    xs = [(v, v) for v in grid.levels] + [(v, v) for v in bounds]
+    ys = [(tick_bottom, y.top)] * n + [(y.bottom, y.top)] * len(bounds)
+    bound_texts = [
+        f"{method} range {'low' if i == 0 else 'high'}: {_fmt(v)}" for i, v in enumerate(bounds)
+    ]
+    x, yy, t = _segments(xs, ys, texts + bound_texts)
+    return go.Scatter(
+        x=x,
+        y=yy,
+        mode="lines",
+        name=f"{method}: {n} levels (range, levels as ticks)",
+        line=style,
+        hovertext=t,
+        hoverinfo="text",
         legendgroup=method,
         opacity=0.85,
     )
+
+
+def clip_summary(hist: pd.DataFrame, grid: Grid) -> dict[str, float]:
+    """Shares of the data below and above a grid's range, and how much of each lies within half
+    a step of the range: those values map to the end level just as rounding would map them, so
+    they are not really clipped (the exact zeros of a ReLU input under an LSQ+ offset a hair above
+    0, say)."""
+    below, above = clipped_mass(hist, grid.lo, grid.hi)
+    step = (grid.levels[1] - grid.levels[0]) if len(grid.levels) > 1 else 0.0
+    far_below, far_above = clipped_mass(hist, grid.lo - step / 2, grid.hi + step / 2)
+    return {
+        "below": below,
+        "above": above,
+        "below_near": max(below - far_below, 0.0),
+        "above_near": max(above - far_above, 0.0),
+    }
+
+
+def clip_text(summary: Mapping[str, float]) -> str:
+    """``clip_summary`` in words, for a panel: what is clipped, and what only looks clipped."""
+    parts = []
+    for side in ("below", "above"):
+        share, near = summary[side], summary[f"{side}_near"]
+        if share <= 0:
+            parts.append(f"{side} 0 %")
+        elif near >= share * 0.999:
+            parts.append(f"{side} {share:.1%}, all within half a step (rounded onto the end level)")
+        elif near > 0.0005:
+            parts.append(
+                f"{side} {share:.1%} ({near:.1%} within half a step: rounded, not clipped)"
+            )
+        else:
+            parts.append(f"{side} {share:.1%}")
+    return "outside the range: " + "; ".join(parts)
 
 
 def histogram_figure(
@@ -557,8 +632,138 @@ def histogram_figure(
         )
     fig.update_xaxes(range=list(x_range))
     fig.update_yaxes(type="log" if log_y else "linear", range=y.axis_range)
+    if log_y:
+        _readable_log(fig, "y", y.bottom, y.top)
     fig.update_layout(bargap=0, hovermode="closest", legend={"groupclick": "togglegroup"})
     return _style(fig, title, "input value", "count (log scale)" if log_y else "count")
+
+
+def histogram_panels_figure(
+    hist: pd.DataFrame,
+    grids: Mapping[str, Grid | Mapping[str, Any]],
+    observed: tuple[float, float] | None = None,
+    log_y: bool = True,
+    title: str = "Layer input: histogram and each method's grid",
+    notes: Mapping[str, str] | None = None,
+    keep_order: bool = False,
+) -> go.Figure:
+    """One panel per method (small multiples sharing the x axis): the same histogram, that
+    method's levels (or range and tick band), its clipped region shaded, and the clipped share
+    written on the panel (``clip_text``). ``notes``: an extra line per method (an MSE, say).
+    Panels follow the usual method order, or the order of ``grids`` with ``keep_order``."""
+    data = _histogram_data(hist)
+    methods = list(grids or {}) if keep_order else _ordered_methods(grids or {})
+    typed = {m: Grid.from_dict(grids[m]) for m in methods}
+    obs = [float(v) for v in (observed or ()) if v is not None and math.isfinite(float(v))]
+    x_range = _x_extent(data, typed, obs)
+    if x_range is None or not methods:
+        return empty_figure(title)
+    counts = data["count"].to_numpy(dtype=float) if data is not None else np.zeros(0)
+    y = _y_span(counts, log_y)
+    heads = []
+    for m in methods:
+        text = f"<b>{m}</b>"
+        if data is not None and typed[m].bounds():
+            text += f" · {clip_text(clip_summary(data, typed[m]))}"
+        if notes and notes.get(m):
+            text += f"<br>{notes[m]}"
+        heads.append(text)
+    fig = make_subplots(
+        rows=len(methods),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.12 / max(len(methods), 1) + 0.03,
+        subplot_titles=heads,
+    )
+    for row, (method, grid) in enumerate(typed.items(), start=1):
+        if data is not None:
+            bars = _histogram_bars(data)
+            bars.update(showlegend=row == 1, legendgroup="histogram")
+            fig.add_trace(bars, row=row, col=1)
+            band = _clip_band(method, grid, data, y)
+            if band is not None:
+                band.update(showlegend=False)
+                fig.add_trace(band, row=row, col=1)
+        if grid.levels:
+            fig.add_trace(_level_lines(method, grid, y), row=row, col=1)
+        if obs:
+            lines = _vertical_lines(
+                obs,
+                [f"observed {_fmt(v)}" for v in obs],
+                y,
+                "observed min / max",
+                {"color": "black", "width": 2, "dash": "dot"},
+                legendgroup="observed",
+                showlegend=row == 1,
+            )
+            fig.add_trace(lines, row=row, col=1)
+    for a in fig.layout.annotations:  # the panel heads: left-aligned, readable
+        a.update(x=0, xanchor="left", font={"size": FONT_SIZE - 2})
+    fig.update_xaxes(range=list(x_range))
+    fig.update_yaxes(type="log" if log_y else "linear", range=y.axis_range)
+    if log_y:
+        _readable_log(fig, "y", y.bottom, y.top)
+    fig.update_xaxes(title_text="input value", row=len(methods), col=1)
+    fig.update_layout(
+        height=140 + 210 * len(methods),
+        bargap=0,
+        hovermode="closest",
+        legend={"orientation": "h", "y": -0.12 if len(methods) > 1 else -0.3, "x": 0},
+    )
+    return _style(fig, title, "", "count (log)" if log_y else "count")
+
+
+def intro_figure(
+    hist: pd.DataFrame, grids: Sequence[tuple[str, str, Grid, float, float, float]], bits: int
+) -> go.Figure:
+    """The paper's opening picture: a Swish-like distribution and each grid at its best range.
+
+    ``grids``: (name, label, Grid, mse, clipping error, rounding error) per panel, in order.
+    """
+    named = {name: grid for name, _, grid, *_ in grids}
+    best = min((mse for *_, mse, _, _ in grids), default=math.nan)
+    notes = {
+        name: f"{label} — MSE {mse:.2e} (clipping {clip:.1e} + rounding {rnd:.1e})"
+        + (" ← least" if mse == best else f", {mse / best:.1f}× LSQ+'s" if best > 0 else "")
+        for name, label, _, mse, clip, rnd in grids
+    }
+    fig = histogram_panels_figure(
+        hist,
+        named,
+        log_y=False,
+        title=f"Swish-like activations at {bits} bits: three grids, each at its best range",
+        notes=notes,
+        keep_order=True,
+    )
+    return fig
+
+
+def lab_figure(
+    hist: pd.DataFrame, grid: Grid, observed: tuple[float, float], label: str
+) -> go.Figure:
+    """The range lab's picture: the layer's input histogram under the chosen grid."""
+    return histogram_panels_figure(hist, {label: grid}, observed, title="This layer's input")
+
+
+def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
+    """Ticks for a log axis from ``lo`` to ``hi`` that all carry full labels: 1-2-5 per decade
+    when the axis spans under three decades, else only the powers of ten."""
+    if not (lo > 0 and hi > lo):
+        return [], []
+    k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    mantissas = (1, 2, 5) if k1 - k0 < 3 else (1,)
+    step = 1 if k1 - k0 <= 8 else math.ceil((k1 - k0) / 8)
+    vals = [m * 10.0**k for k in range(k0, k1 + 1, step) for m in mantissas]
+    vals = [v for v in vals if lo <= v <= hi]
+    return vals, [f"{v:g}" for v in vals]
+
+
+def _readable_log(fig: go.Figure, axis: str, lo: float, hi: float) -> None:
+    """Full tick labels on a log axis (plotly otherwise shows bare minor digits like "2 5")."""
+    vals, text = _log_ticks(lo, hi)
+    if len(vals) >= 2:
+        update = fig.update_yaxes if axis == "y" else fig.update_xaxes
+        update(tickvals=vals, ticktext=text, minor={"showgrid": False})
 
 
 # ------------------------------------------------------------------------------------ curves
@@ -610,6 +815,8 @@ def curves_figure(
     _emphasise(fig)
     for t in fig.data:
         t.hovertemplate = f"<b>{t.name}</b><br>step %{{x}}<br>{y} %{{y:.6g}}<extra></extra>"
+    if log_y and len(data):
+        _readable_log(fig, "y", float(data[y].min()), float(data[y].max()))
     fig.update_layout(hovermode="x unified")
     return _style(fig, title, "training step", label + (" (log scale)" if log_y else ""))
 
@@ -620,7 +827,9 @@ _TRAJECTORY_PANELS = {"scale": "scale s", "offset": "offset β"}
 
 
 def trajectory_figure(traj: pd.DataFrame, layer: str) -> go.Figure:
-    """A layer's learned scale (top) and offset (bottom) against training step, per method."""
+    """A layer's learned scale (top row) and offset (bottom row) against training step, one
+    column per method, every panel with its own y range: methods' scales differ by orders of
+    magnitude, and on a shared axis every line looks flat."""
     title = f"Learned quantizer parameters: {layer}"
     data = _clean(traj, ["step", "scale", "offset"], required=["method", "layer"])
     if data is None:
@@ -639,6 +848,7 @@ def trajectory_figure(traj: pd.DataFrame, layer: str) -> go.Figure:
         y="value",
         color="method",
         facet_row="parameter",
+        facet_col="method" if len(methods) > 1 else None,
         custom_data=["parameter"],
         color_discrete_map=_method_colors(methods),
         category_orders={"method": methods, "parameter": list(_TRAJECTORY_PANELS)},
@@ -648,9 +858,14 @@ def trajectory_figure(traj: pd.DataFrame, layer: str) -> go.Figure:
         parameter = t.customdata[0][0]
         t.hovertemplate = f"<b>{t.name}</b><br>step %{{x}}<br>{parameter} %{{y:.6g}}<extra></extra>"
         fig.layout["yaxis" + t.yaxis[1:]].title.text = _TRAJECTORY_PANELS[parameter]
-    fig.layout.annotations = ()  # px's "parameter=..." labels: the y titles say it
-    fig.update_yaxes(matches=None)  # scale and offset have ranges of their own
-    fig.layout.xaxis.title.text = "training step"  # the bottom panel's axis
+    # px's "parameter=..." labels go (the y titles say it); "method=lsq+" becomes "lsq+".
+    fig.layout.annotations = [
+        a.update(text=a.text.split("=", 1)[1], font={"size": FONT_SIZE})
+        for a in fig.layout.annotations
+        if a.text.startswith("method=")
+    ]
+    fig.update_yaxes(matches=None, showticklabels=True)  # every panel its own range
+    fig.for_each_xaxis(lambda ax: ax.update(title_text="training step") if ax.title.text else None)
     fig.update_layout(height=600, hovermode="x unified")
     return _style(fig, title)
 
@@ -731,7 +946,7 @@ def layer_error_figure(
                 hoverinfo="text",
             )
         )
-        for _, row in low.iterrows():
+        for k, (_, row) in enumerate(low.sort_values("index").iterrows()):
             fig.add_annotation(
                 x=row["index"],
                 y=row["_value"],
@@ -740,12 +955,86 @@ def layer_error_figure(
                 arrowhead=2,
                 arrowcolor="red",
                 ax=0,
-                ay=40,
+                ay=40 + 34 * (k % 3),  # neighbours in index get different heights
                 font={"size": FONT_SIZE - 4, "color": "red"},
                 bgcolor="rgba(255,255,255,0.8)",
             )
     fig.update_layout(hovermode="closest")
-    return _style(fig, title, "layer index", label)
+    _layer_names_axis(fig, data)
+    return _style(fig, title, "layer", label)
+
+
+# ------------------------------------------------------------------------------ error split
+
+SPLIT_COLORS = {"clipping": "#B2182B", "rounding": "#92C5DE"}
+
+
+def error_split_figure(df: pd.DataFrame) -> go.Figure:
+    """Each layer's input quantization error split into clipping and rounding, stacked, one
+    panel per method (sharing the layer axis). Both as a share of the input's power (noise to
+    signal, %), so layers of any scale compare: a method that clips hard shows red, one whose
+    range is too wide shows blue.
+
+    ``df``: one row per (method, layer) with index, layer, clip_error, round_error, input_power.
+    """
+    title = "Why each range: input error from clipping vs from rounding"
+    cols = ["index", "clip_error", "round_error", "input_power"]
+    data = _clean(df, cols, required=["method", "layer"])
+    if data is None:
+        return empty_figure(title)
+    data = _finite(data, cols)
+    data = data[data["input_power"] > 0]
+    if data.empty:
+        return empty_figure(title)
+    data = data.assign(
+        clipping=100 * data["clip_error"] / data["input_power"],
+        rounding=100 * data["round_error"] / data["input_power"],
+    )
+    methods = _ordered_methods(data["method"])
+    heads = []
+    for m in methods:
+        sub = data[data["method"] == m]
+        clip, rnd = sub["clip_error"].sum(), sub["round_error"].sum()
+        share = clip / (clip + rnd) if clip + rnd > 0 else 0.0
+        heads.append(f"<b>{m}</b> · clipping is {share:.0%} of its summed input error")
+    fig = make_subplots(
+        rows=len(methods), cols=1, shared_xaxes=True, subplot_titles=heads, vertical_spacing=0.06
+    )
+    for row, method in enumerate(methods, start=1):
+        sub = data[data["method"] == method].sort_values("index")
+        for part, color in SPLIT_COLORS.items():
+            text = [
+                f"<b>{method}</b><br>{int(i)} · {name}<br>{part}: {v:.3g} % of the input power"
+                for i, name, v in zip(sub["index"], sub["layer"], sub[part], strict=True)
+            ]
+            fig.add_trace(
+                go.Bar(
+                    x=sub["index"],
+                    y=sub[part],
+                    name=part,
+                    marker={"color": color, "line": {"width": 0}},
+                    legendgroup=part,
+                    showlegend=row == 1,
+                    hovertext=text,
+                    hoverinfo="text",
+                ),
+                row=row,
+                col=1,
+            )
+        fig.update_yaxes(title_text="% of power", row=row, col=1)
+    for a in fig.layout.annotations:
+        a.update(x=0, xanchor="left", font={"size": FONT_SIZE - 2})
+    fig.update_layout(
+        barmode="stack",
+        bargap=0.15,
+        height=200 + 190 * len(methods),
+        hovermode="closest",
+        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
+    )
+    _layer_names_axis(fig, data)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_xaxes(showticklabels=True, row=len(methods), col=1)
+    return _style(fig, title)
 
 
 # ------------------------------------------------------------------------------- sensitivity
@@ -805,6 +1094,8 @@ def sensitivity_figure(df: pd.DataFrame, log_x: bool = True, top: int | None = N
     fig.update_traces(hovertemplate="%{hovertext}<extra></extra>")
     fig.update_yaxes(categoryorder="array", categoryarray=units, automargin=True)
     fig.update_yaxes(title_text="")  # the unit names say it
+    if log_x:
+        _readable_log(fig, "x", float(data["_drawn"].min()), float(data["_drawn"].max()))
     fig.update_layout(
         height=max(420, 34 * len(units) * max(len(parts), 1) // 2 + 180),
         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
@@ -866,5 +1157,7 @@ def compare_figure(
             hovertemplate=f"<b>{t.name}</b><br>%{{x}} bits<br>{metric} %{{y:.6g}}<extra></extra>",
         )
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
+    if log_y:
+        _readable_log(fig, "y", float(mean[metric].min()), float(mean[metric].max()))
     fig.update_layout(hovermode="closest")
     return _style(fig, title, "bits", label + (" (log scale)" if log_y else ""))

@@ -426,3 +426,138 @@ def test_histogram_shades_only_clipped_data_not_empty_axis():
     assert [t.name.split(":")[0] for t in bands] == ["clipped by narrow"]
     xs = [x for x in bands[0].x if x is not None]
     assert min(xs) >= -2.0 and max(xs) <= 6.0
+
+
+# ------------------------------------------------------------------ issue 12: readable pictures
+
+
+def test_many_levels_are_drawn_as_a_range_and_a_tick_band():
+    from lsq.plots import MAX_LEVEL_LINES
+
+    hist = hist_frame()
+    few = {"lsq": {"levels": np.linspace(0.0, 2.0, MAX_LEVEL_LINES), "lo": 0.0, "hi": 2.0}}
+    many = {"lsq+": {"levels": np.linspace(-1.0, 3.0, 256), "lo": -1.0, "hi": 3.0}}
+    lines = trace(histogram_figure(hist, few), f"lsq: {MAX_LEVEL_LINES} levels")
+    heights = {(a, b) for a, b in zip(lines.y[0::3], lines.y[1::3], strict=True)}
+    assert len(heights) == 1  # every level a full-height line
+    fig = histogram_figure(hist, many)
+    band = trace(fig, "lsq+: 256 levels (range, levels as ticks)")
+    starts = points(band.y)[0::2]
+    full = [y for y in starts if y == min(starts)]
+    assert len(full) == 2  # the range's two ends run the full height; 256 short ticks at the top
+    assert len(starts) == 258
+
+
+def test_clip_summary_tells_rounding_onto_the_end_level_from_real_clipping():
+    from lsq.plots import clip_summary, clip_text
+
+    # A quarter of the data exactly 0 (a ReLU's zeros), the rest on (0.5, 4].
+    hist = pd.DataFrame(
+        {
+            "left": [-0.001, 0.5, 1.5, 2.5],
+            "right": [0.001, 1.5, 2.5, 4.0],
+            "count": [25, 25, 25, 25],
+        }
+    )
+    near = Grid(np.linspace(0.05, 4.0, 16), 0.05, 4.0)  # offset a hair above 0: step 0.26
+    summary = clip_summary(hist, near)
+    assert summary["below"] == pytest.approx(0.25) and summary["below_near"] == pytest.approx(0.25)
+    assert "all within half a step" in clip_text(summary)
+    far = Grid(np.linspace(1.0, 4.0, 16), 1.0, 4.0)  # zeros far below: really clipped
+    summary = clip_summary(hist, far)
+    assert summary["below"] > 0.25 and summary["below_near"] < summary["below"] / 2
+    assert "within half a step" not in clip_text(summary).split(";")[0] or summary["below_near"] > 0
+
+
+def test_small_multiples_one_panel_per_method_with_its_clipped_share():
+    from lsq.plots import histogram_panels_figure
+
+    hist = pd.DataFrame({"left": np.arange(8.0), "right": np.arange(1.0, 9.0), "count": [10] * 8})
+    grids = {
+        "lsq+": {"levels": np.linspace(1.5, 6.0, 4), "lo": 1.5, "hi": 6.0},
+        "minmax": {"levels": np.linspace(0.0, 8.0, 16), "lo": 0.0, "hi": 8.0},
+    }
+    fig = histogram_panels_figure(hist, grids, observed=(0.0, 8.0))
+    heads = [a.text for a in fig.layout.annotations]
+    assert heads[0].startswith("<b>lsq+</b>") and "below 18.8%" in heads[0]
+    assert "above 25.0%" in heads[0] and "below 0 %" in heads[1]
+    axes = {t.yaxis for t in fig.data if t.name.startswith(("lsq+:", "minmax:"))}
+    assert len(axes) == 2  # one panel each
+    assert fig.layout.xaxis.matches == "x2" or fig.layout.xaxis2.matches == "x"
+    assert sum(1 for t in fig.data if t.name == "input histogram" and t.showlegend) == 1
+
+
+def test_error_split_figure_stacks_clipping_on_rounding_per_method():
+    from lsq.plots import error_split_figure
+
+    rows = [
+        dict(method=m, index=i, layer=f"l{i}", clip_error=c, round_error=1.0, input_power=10.0)
+        for m, c in (("lsq+", 0.5), ("minmax", 0.0))
+        for i in range(3)
+    ]
+    fig = error_split_figure(pd.DataFrame(rows))
+    assert fig.layout.barmode == "stack"
+    clip = [t for t in fig.data if t.name == "clipping"]
+    assert [list(t.y) for t in clip] == [[5.0] * 3, [0.0] * 3]
+    assert "33%" in fig.layout.annotations[0].text and "0%" in fig.layout.annotations[1].text
+    assert list(fig.layout.xaxis2.ticktext) == ["0 · l0", "1 · l1", "2 · l2"]
+    assert is_empty(error_split_figure(pd.DataFrame()))
+
+
+def test_layer_axes_carry_names_and_worst_labels_do_not_share_a_height():
+    fig = ranges_figure(ranges_frame())
+    assert list(fig.layout.xaxis.ticktext) == ["0 · stem", "1 · blocks.0", "2 · head"]
+    err = error_frame()
+    fig = layer_error_figure(err, worst=3)
+    assert "0 · blocks.0" in fig.layout.xaxis.ticktext
+    heights = [a.ay for a in fig.layout.annotations]
+    assert len(set(heights)) == 3  # neighbouring worst layers are labelled at different heights
+
+
+def test_log_axes_get_full_labels_not_minor_digits():
+    from lsq.plots import _log_ticks
+
+    assert _log_ticks(0.1, 5.0)[1] == ["0.1", "0.2", "0.5", "1", "2", "5"]
+    assert _log_ticks(1.0, 1e5)[1] == ["1", "10", "100", "1000", "10000", "100000"]
+    df = pd.DataFrame({"method": ["lsq+"] * 3, "step": [0, 1, 2], "kl": [0.15, 0.4, 2.0]})
+    fig = curves_figure(df, "kl")
+    assert fig.layout.yaxis.type == "log" and list(fig.layout.yaxis.ticktext) == [
+        "0.2",
+        "0.5",
+        "1",
+        "2",
+    ]
+
+
+def test_trajectory_gives_each_method_its_own_axes():
+    rows = [
+        dict(method=m, step=s, layer="a", scale=k * (1 + 0.01 * s), offset=0.0)
+        for m, k in (("lsq+", 1e-3), ("lsq", 5.0))
+        for s in range(4)
+    ]
+    fig = trajectory_figure(pd.DataFrame(rows), "a")
+    scale_axes = {t.name: t.yaxis for t in fig.data if t.customdata[0][0] == "scale"}
+    assert scale_axes["lsq+"] != scale_axes["lsq"]
+    assert sorted(a.text for a in fig.layout.annotations) == ["lsq", "lsq+"]
+
+
+def test_intro_figure_has_a_panel_per_grid_with_its_mse():
+    from lsq.lab import intro_grids, swish_sample, values_histogram
+    from lsq.plots import intro_figure
+
+    x = swish_sample(5000)
+    grids = [
+        (
+            g.name,
+            g.label,
+            Grid(g.setting.levels, g.setting.lo, g.setting.hi),
+            g.split.total,
+            g.split.clip,
+            g.split.round,
+        )
+        for g in intro_grids(3, x)
+    ]
+    fig = intro_figure(values_histogram(x), grids, 3)
+    heads = [a.text for a in fig.layout.annotations]
+    assert [h.split("</b>")[0] for h in heads] == ["<b>lsq", "<b>lsq-signed", "<b>lsq+"]
+    assert all("MSE" in h for h in heads) and "least" in heads[2]

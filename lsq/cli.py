@@ -25,6 +25,7 @@ from lsq.config import (
 )
 from lsq.errors import LSQError
 from lsq.pipeline import DataConfig
+from lsq.reconstruct import ReconstructConfig
 from lsq.status import Status
 from lsq.train import OPTIMIZERS, TrainConfig
 from lsq.validate import whole_number
@@ -32,11 +33,13 @@ from lsq.validate import whole_number
 #: The CLI's defaults are the library's: data from DataConfig, training from TrainConfig.
 DATA = DataConfig()
 TRAIN = TrainConfig()
+RECON = ReconstructConfig()
 
 EPILOG = """examples:
   python -m lsq run                                  # LSQ+ W4A4 on the bundled EfficientNet-Lite0
   python -m lsq run --method lsq --w-bits 8 --a-bits 4 --steps 20 --resolution 160
   python -m lsq compare --methods lsq+,lsq,lsq-signed,minmax --bits 4,2
+  python -m lsq run --w-bits 4 --a-bits 4 --reconstruct 80 --steps 20   # the low-bit recipe
   python -m lsq runs                                 # list saved runs
   python -m lsq health RUN                           # health checks of a saved run
 """
@@ -165,6 +168,43 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "at 6+ bits; method: always the method's own rule; or one initializer for all",
     )
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    t.add_argument(
+        "--eager",
+        action="store_true",
+        help="eager quantizer kernels: same values, slower steps, no one-off compile (~15 s)",
+    )
+    lb = p.add_argument_group("low-bit recipe")
+    lb.add_argument(
+        "--reconstruct",
+        type=_int,
+        default=0,
+        help="iterations per unit of block-wise reconstruction before QAT (0 = none; "
+        f"{RECON.iters} is the recipe's)",
+    )
+    lb.add_argument(
+        "--recon-views",
+        type=_int,
+        default=DATA.recon_views,
+        help=f"views reconstruction learns from (default {DATA.recon_views})",
+    )
+    lb.add_argument(
+        "--synthetic",
+        type=_int,
+        default=0,
+        help="images synthesised from the model's BatchNorm statistics, added to the "
+        "calibration and training data (cached on disk; default 0)",
+    )
+    lb.add_argument(
+        "--synthetic-only",
+        action="store_true",
+        help="calibrate and train on synthesised images alone, no photo (evaluation stays on "
+        "the bundled photos)",
+    )
+    lb.add_argument(
+        "--fixed-views",
+        action="store_true",
+        help="QAT and reconstruction reuse the calibration views instead of new crops each step",
+    )
 
 
 def _spec(args):
@@ -187,14 +227,19 @@ def _spec(args):
 def _prepare(args):
     from lsq.pipeline import prepare
 
+    if args.synthetic_only and args.images:
+        raise LSQError("--synthetic-only uses no photo; drop --images or --synthetic-only")
     data = DataConfig(
-        source="folder" if args.images else "bundled",
+        source="synthetic" if args.synthetic_only else "folder" if args.images else "bundled",
         folder=args.images,
         resolution=args.resolution,
         calib_views=args.calib,
         eval_views=args.eval_views,
         batch_size=args.batch_size,
         seed=args.seed,
+        synthetic=args.synthetic,
+        fresh_views=not args.fixed_views,
+        recon_views=args.recon_views,
     )
     bar = tqdm(total=1, file=sys.stderr, leave=False)
     state = {"stage": None}
@@ -222,7 +267,35 @@ def _train_cfg(args, steps: int) -> TrainConfig:
         seed=args.seed,
         device=args.device,
         bf16=args.bf16,
+        compile=not args.eager,
     )
+
+
+def _recon_cfg(args) -> ReconstructConfig | None:
+    if not args.reconstruct:
+        return None
+    return ReconstructConfig(
+        iters=args.reconstruct,
+        seed=args.seed,
+        device=args.device,
+        bf16=args.bf16,
+        compile=not args.eager,
+    )
+
+
+def _reconstruct(bench, result, recon_cfg: ReconstructConfig):
+    """Block-wise reconstruction with a progress bar; returns the new result."""
+    from lsq.pipeline import reconstruct_method
+
+    with tqdm(file=sys.stderr, desc="reconstruction", leave=False) as bar:
+
+        def on_event(e):
+            bar.total = e.total
+            if e.kind == "step":
+                bar.update(1)
+                bar.set_postfix(unit=e.unit, loss=f"{e.loss:.4g}")
+
+        return reconstruct_method(bench, result, recon_cfg, on_event=on_event)
 
 
 def _fmt_metrics(m: dict) -> str:
@@ -256,6 +329,15 @@ def cmd_run(args) -> int:
     bar.close()
     print(f"{config.label} after init: {_fmt_metrics(result.metrics_init)}")
     run = start_run(bench, result, train_cfg, root=args.runs_dir)
+    recon_cfg = _recon_cfg(args)
+    if recon_cfg is not None:
+        result = _reconstruct(bench, result, recon_cfg)
+        if result.status != Status.COMPLETE:
+            print(f"reconstruction {result.status}: {result.message}", file=sys.stderr)
+        print(
+            f"{config.label} after reconstruction ({recon_cfg.iters} iterations per unit): "
+            f"{_fmt_metrics(result.metrics_final)}"
+        )
     if train_cfg is not None:
         history = []
         with tqdm(total=steps, file=sys.stderr, desc="QAT", leave=False) as tbar:
@@ -305,10 +387,15 @@ def cmd_compare(args) -> int:
     steps = whole_number(0 if args.steps is None else args.steps, "--steps", 0)
     bench, progress, bar = _prepare(args)
     train_cfg = _train_cfg(args, steps) if steps else None
-    table = compare(bench, args.methods, args.bits, train_cfg, progress, args.weight_init)
+    recon_cfg = _recon_cfg(args)
+    table = compare(
+        bench, args.methods, args.bits, train_cfg, progress, args.weight_init, recon_cfg
+    )
     bar.close()
     wall = time.perf_counter() - t0
-    pivot_cols = ["init_agreement", "init_kl"] + (["qat_agreement", "qat_kl"] if steps else [])
+    pivot_cols = ["init_agreement", "init_kl"]
+    pivot_cols += ["rec_agreement", "rec_kl"] if recon_cfg is not None else []
+    pivot_cols += ["qat_agreement", "qat_kl"] if steps else []
     wide = table.pivot(index="method", columns="bits", values=pivot_cols)
     wide = wide.reindex(index=args.methods).reindex(columns=args.bits, level=1)
     print(wide.to_string(float_format=lambda v: f"{v:.3f}"))

@@ -33,8 +33,9 @@ from lsq.config import QuantConfig, make_config, resolve_weight_init
 from lsq.convert import quantize_model
 from lsq.data import MAX_RESOLUTION, MIN_RESOLUTION
 from lsq.errors import LSQError
+from lsq.reconstruct import ReconstructConfig, ReconstructEvent, reconstruct, unit_frame
 from lsq.status import ENDINGS, Status
-from lsq.train import TrainConfig, TrainEvent, logits, resolve_device, train
+from lsq.train import TrainConfig, TrainEvent, ViewSource, logits, resolve_device, train
 from lsq.validate import whole_number
 
 #: progress(stage, done, total)
@@ -42,31 +43,51 @@ Progress = Callable[[str, int, int], None]
 
 #: Views are cheap to make but each costs a forward pass in calibration and evaluation.
 MAX_VIEWS = 4096
+DATA_SOURCES = ("bundled", "folder", "synthetic")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where calibration/training and evaluation images come from, and how many views of them."""
 
-    source: str = "bundled"  # bundled: the photos inside scikit-image; folder: an image folder
+    #: bundled: the photos inside scikit-image; folder: an image folder; synthetic: images made
+    #: from the float model's BatchNorm statistics (no photo; evaluation on the bundled photos).
+    source: str = "bundled"
     folder: str | None = None
     resolution: int | None = None  # None: the model's own input size
     calib_views: int = 64
     eval_views: int = 64
     batch_size: int = 16
     seed: int = 0
+    #: Images synthesised from BatchNorm statistics and added to the calibration and training
+    #: data (with source "synthetic", 0 means ``calib_views`` of them).
+    synthetic: int = 0
+    #: QAT and reconstruction draw new random crops every step instead of reusing ``calib``.
+    fresh_views: bool = True
+    #: Views block-wise reconstruction learns from.
+    recon_views: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("calib_views", "eval_views", "batch_size"):
+        for name in ("calib_views", "eval_views", "batch_size", "recon_views"):
             object.__setattr__(self, name, whole_number(getattr(self, name), name, 1, MAX_VIEWS))
+        object.__setattr__(self, "synthetic", whole_number(self.synthetic, "synthetic", 0, 4096))
         if self.resolution is not None:
             res = whole_number(self.resolution, "resolution", MIN_RESOLUTION, MAX_RESOLUTION)
             object.__setattr__(self, "resolution", res)
         object.__setattr__(self, "seed", whole_number(self.seed, "seed", 0))
-        if self.source not in ("bundled", "folder"):
-            raise LSQError(f"data source must be 'bundled' or 'folder', got {self.source!r}")
+        if self.source not in DATA_SOURCES:
+            raise LSQError(
+                f"data source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}"
+            )
         if self.source == "folder" and not self.folder:
             raise LSQError("data source 'folder' needs a folder path")
+
+    @property
+    def synthetic_count(self) -> int:
+        """How many images to synthesise."""
+        if self.source == "synthetic":
+            return self.synthetic or self.calib_views
+        return self.synthetic
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,14 @@ class Workbench:
     seconds: dict[str, float] = field(default_factory=dict)
     #: Image files that could not be read (file name and why), to show the user.
     skipped: tuple[str, ...] = ()
+    #: The calibration photos themselves, for fresh crops during QAT and reconstruction.
+    train_images: tuple = ()
+    #: Images synthesised from BatchNorm statistics (part of ``calib`` too), or None.
+    synthetic: Tensor | None = None
+
+    @property
+    def resolution(self) -> int:
+        return int(self.eval.shape[-1])
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -106,10 +135,13 @@ def prepare(
     data: DataConfig = DataConfig(),
     device: str = "auto",
     progress: Progress = _noop,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Workbench:
-    """Load the model and make the calibration and evaluation views."""
+    """Load the model and make the calibration and evaluation views (synthesising images from
+    the model's BatchNorm statistics when ``data`` asks for them; cached on disk)."""
     from lsq.data import bundled_images, folder_images, make_views
     from lsq.models import load_model
+    from lsq.synthetic import SynthConfig, cached_synthesize
 
     t0 = time.perf_counter()
     progress("loading model", 0, 1)
@@ -119,7 +151,7 @@ def prepare(
     res = data.resolution or int(loaded.data_config["input_size"][-1])
     progress("making views", 0, 1)
     skipped: tuple[str, ...] = ()
-    if data.source == "bundled":
+    if data.source in ("bundled", "synthetic"):
         calib_imgs = bundled_images("calibration")
         eval_imgs = bundled_images("evaluation")
     else:
@@ -134,8 +166,24 @@ def prepare(
         # Disjoint split: every fourth image evaluates, the rest calibrate.
         eval_imgs = images[::4]
         calib_imgs = [im for i, im in enumerate(images) if i % 4]
-    calib = make_views(calib_imgs, data.calib_views, res, loaded.data_config, seed=data.seed)
+    if data.source == "synthetic":
+        calib_imgs = []  # no photo for calibration or training
+        calib = torch.empty(0, 3, res, res)
+    else:
+        calib = make_views(calib_imgs, data.calib_views, res, loaded.data_config, seed=data.seed)
     evals = make_views(eval_imgs, data.eval_views, res, loaded.data_config, seed=data.seed + 1)
+    synthetic = None
+    if data.synthetic_count:
+        synthetic, _ = cached_synthesize(
+            model,
+            loaded.data_config,
+            model_key(spec),
+            SynthConfig(count=data.synthetic_count, resolution=res, seed=data.seed),
+            device=device,
+            progress=lambda done, total: progress("synthesising images", done, total),
+            should_stop=should_stop,
+        )
+        calib = torch.cat([calib, synthetic])
     bench = Workbench(
         model=model,
         spec=spec,
@@ -146,11 +194,43 @@ def prepare(
         teacher_eval=torch.empty(0),
         device=dev,
         skipped=skipped,
+        train_images=tuple(calib_imgs),
+        synthetic=synthetic,
     )
     progress("float model on evaluation views", 0, 1)
     bench.teacher_eval = logits(model, evals, batch=data.batch_size).cpu()
     bench.seconds["prepare"] = time.perf_counter() - t0
     return bench
+
+
+def model_key(spec: ModelSpec) -> str:
+    """Names a model's weights for caches: source and name, and a file's size and time."""
+    key = f"{spec.source}-{spec.name}"
+    if spec.path:
+        try:
+            st = Path(spec.path).stat()
+            key += f"-{Path(spec.path).name}-{st.st_size}-{int(st.st_mtime)}"
+        except OSError:
+            key += f"-{Path(spec.path).name}"
+    return key
+
+
+def training_source(bench: Workbench, seed: int = 0) -> Tensor | ViewSource:
+    """What QAT and reconstruction learn from: fresh crops of the calibration photos (and the
+    synthetic images, in proportion), or the fixed calibration views without ``fresh_views``."""
+    from lsq.data import FreshViews, MixedViews, TensorViews
+
+    if not bench.data.fresh_views:
+        return bench.calib
+    sources, weights = [], []
+    if bench.train_images:
+        images = list(bench.train_images)
+        sources.append(FreshViews(images, bench.resolution, bench.data_config, seed))
+        weights.append(bench.data.calib_views)
+    if bench.synthetic is not None:
+        sources.append(TensorViews(bench.synthetic, seed))
+        weights.append(len(bench.synthetic))
+    return sources[0] if len(sources) == 1 else MixedViews(sources, weights)
 
 
 def quantized_copy(bench: Workbench, config: QuantConfig) -> nn.Module:
@@ -205,6 +285,9 @@ class MethodResult:
     message: str = ""
     seconds: Mapping[str, float] = field(default_factory=dict)
     run_path: Path | None = None
+    #: Block-wise reconstruction, when it came before: its settings and each unit's errors.
+    recon_config: ReconstructConfig | None = None
+    recon_history: tuple[ReconstructEvent, ...] = ()
 
     @property
     def metrics(self) -> Mapping[str, float]:
@@ -216,6 +299,8 @@ class MethodResult:
         """The stage in words: "initialised" or "trained 20 steps" (and how a run ended)."""
         if self.stage == Stage.TRAINED:
             text = f"trained {self.steps} step{'s' if self.steps != 1 else ''}"
+            if self.recon_config is not None:
+                text = f"reconstructed, {text}"
         else:
             text = str(self.stage)
         return text if self.status == Status.COMPLETE else f"{text}, {self.status}"
@@ -253,19 +338,21 @@ def train_method(
     independent runs that both start from it. Passing a trained result continues that run.
     """
     t0 = time.perf_counter()
-    if bench.teacher_calib is None:  # shared by every method trained on this bench
+    source = training_source(bench, train_cfg.seed)
+    if isinstance(source, Tensor) and bench.teacher_calib is None:  # shared by every method
         bench.teacher_calib = logits(bench.model, bench.calib, batch=bench.data.batch_size).cpu()
+    on_train = bench.teacher_calib if isinstance(source, Tensor) else None
     model = result.copy_model()
     history: list[TrainEvent] = []
     status, message = Status.COMPLETE, ""
     for event in train(
         model,
         bench.model,
-        bench.calib,
+        source,
         bench.eval,
         train_cfg,
         should_stop=should_stop,
-        teacher_logits=(bench.teacher_calib, bench.teacher_eval),
+        teacher_logits=(on_train, bench.teacher_eval),
     ):
         history.append(event)
         if on_event is not None:
@@ -284,6 +371,54 @@ def train_method(
         message=message,
         seconds={**result.seconds, "train": time.perf_counter() - t0},
         run_path=None,
+    )
+
+
+#: The step at which a reconstruction pool is drawn from a view source (apart from QAT's steps).
+RECON_POOL_STEP = 10**9
+
+
+def reconstruction_views(bench: Workbench, seed: int = 0) -> Tensor:
+    """The views reconstruction learns from: ``recon_views`` fresh crops (and synthetic images)
+    of the calibration data, or the calibration views themselves without ``fresh_views``."""
+    source = training_source(bench, seed)
+    if isinstance(source, Tensor):
+        return source
+    return source.batch(RECON_POOL_STEP, bench.data.recon_views)
+
+
+def reconstruct_method(
+    bench: Workbench,
+    result: MethodResult,
+    cfg: ReconstructConfig,
+    on_event: Callable[[ReconstructEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> MethodResult:
+    """Block-wise reconstruction of a copy of ``result``'s model; returns a new result."""
+    t0 = time.perf_counter()
+    views = reconstruction_views(bench, cfg.seed)
+    model = result.copy_model()
+    kept: list[ReconstructEvent] = []
+    status, message = Status.COMPLETE, ""
+    for event in reconstruct(model, bench.model, views, cfg, should_stop=should_stop):
+        if event.kind != Status.STEP:
+            kept.append(event)
+        if on_event is not None:
+            on_event(event)
+        if event.kind in (Status.ERROR, Status.STOPPED):
+            status, message = ENDINGS[Status(event.kind)], event.message
+    return dataclasses.replace(
+        result,
+        model=model,
+        stage=Stage.RECONSTRUCTED,
+        metrics_final=model_metrics(model, bench.eval, bench.teacher_eval),
+        history=(),
+        status=status,
+        message=message,
+        seconds={**result.seconds, "reconstruct": time.perf_counter() - t0},
+        run_path=None,
+        recon_config=cfg,
+        recon_history=tuple(kept),
     )
 
 
@@ -344,10 +479,16 @@ def finish_run(run, bench: Workbench, result: MethodResult) -> MethodResult:
     """
     run.write_table("layers", layer_table(result.copy_model(), bench.stats, bench.eval[:8]))
     write_progress(run, result.history)
+    if result.recon_history:
+        run.write_table("units", unit_frame(list(result.recon_history)))
     run.write_state({k: v.detach().cpu() for k, v in result.model.state_dict().items()})
     metrics_final = dict(result.metrics_final) if result.metrics_final is not None else None
+    recon = result.recon_config.to_dict() if result.recon_config is not None else None
     run.update_meta(
-        metrics_final=metrics_final, seconds=dict(result.seconds), stage=str(result.stage)
+        metrics_final=metrics_final,
+        seconds=dict(result.seconds),
+        stage=str(result.stage),
+        reconstruct=recon,
     )
     run.finish(result.status, result.message)
     return dataclasses.replace(result, run_path=run.path)
@@ -370,8 +511,10 @@ def compare(
     train_cfg: TrainConfig | None = None,
     progress: Progress = _noop,
     weight_init: str = "auto",
+    recon_cfg: ReconstructConfig | None = None,
 ) -> pd.DataFrame:
-    """Each method at each bit-width (W=A=bits): agreement and KL after init, and after QAT.
+    """Each method at each bit-width (W=A=bits): agreement and KL after init, after block-wise
+    reconstruction (with ``recon_cfg``), and after QAT (with ``train_cfg``, on top).
 
     ``weight_init`` is a choice of ``lsq.config.WEIGHT_INIT_CHOICES``, "auto" as in the app.
     """
@@ -388,6 +531,14 @@ def compare(
             "init_confident_agreement": res.metrics_init["confident_agreement"],
             "init_kl": res.metrics_init["kl"],
         }
+        if recon_cfg is not None:
+            res = reconstruct_method(bench, res, recon_cfg)
+            row.update(
+                rec_agreement=res.metrics_final["agreement"],
+                rec_confident_agreement=res.metrics_final["confident_agreement"],
+                rec_kl=res.metrics_final["kl"],
+                status=res.status,
+            )
         if train_cfg is not None:
             res = train_method(bench, res, train_cfg)
             row.update(

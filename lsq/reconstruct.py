@@ -47,17 +47,23 @@ class ReconstructConfig:
     Learning rates are per parameter group, as in QAT. With ``relative_quant_lr`` (the default)
     a quantizer's scale and offset move by ``lr`` times its own scale per Adam step, so a step
     size of 5e-4 and one of 5 change by the same fraction (Adam otherwise moves every parameter
-    by about ``lr``, whatever its size, and cancels LSQ's gradient scaling).
+    by about ``lr``, whatever its size, and cancels LSQ's gradient scaling); with
+    ``relative_weight_lr`` a weight moves by ``lr_weights`` times its quantization step. On the
+    bundled model at W4A4 (128 px, 256 views, 80 iterations per unit) absolute rates (3e-5
+    weights, 1e-3 quantizers) reached agreement 0.55 / KL 1.43; relative quantizer rates 1e-2,
+    0.64 / 1.08; relative weights too, 0.78 / 0.75.
     """
 
     iters: int = 80  # per unit
     batch_size: int = 32
-    lr_weights: float = 3e-5
+    #: With ``relative_weight_lr``: the fraction of its quantization step a weight moves per
+    #: Adam step; else an absolute rate.
+    lr_weights: float = 1e-2
     lr_other: float = 3e-5  # biases and norms, absolute
     lr_weight_quant: float = 1e-2
     lr_act_quant: float = 1e-2
     relative_quant_lr: bool = True
-    relative_weight_lr: bool = False
+    relative_weight_lr: bool = True
     drop_prob: float = 0.5  # QDrop: chance that an input element comes from the float stream
     seed: int = 0
     device: str = "auto"

@@ -55,3 +55,73 @@ def test_qat_on_fresh_views_draws_new_views_each_step_and_learns():
     # The loss is the distillation loss against the teacher on that very batch.
     assert all(e.loss is not None and e.loss >= 0 for e in steps)
     assert events[-2].kl < events[0].kl
+
+
+# --- the pipeline and the CLI on the bundled model at low resolution ---------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from lsq.pipeline import (  # noqa: E402
+    DataConfig,
+    Stage,
+    init_method,
+    prepare,
+    reconstruct_method,
+    reconstruction_views,
+    save_result,
+    train_method,
+)
+from lsq.reconstruct import ReconstructConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = DataConfig(resolution=64, calib_views=8, eval_views=8, batch_size=8, recon_views=16)
+QUICK = ReconstructConfig(iters=3, batch_size=8, compile=False)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return prepare(data=TINY)
+
+
+def test_reconstruction_views_are_fresh_crops_of_the_calibration_photos(bench):
+    views = reconstruction_views(bench)
+    assert views.shape == (16, 3, 64, 64)
+    assert torch.equal(views, reconstruction_views(bench))  # seeded
+    assert not torch.equal(views[:8], bench.calib)  # not the calibration views again
+
+
+def test_reconstruct_method_returns_a_new_result_and_leaves_the_initialised_one(
+    bench, tmp_path
+):
+    init = init_method(bench, make_config("lsq+", 4, 4))
+    before = {k: v.clone() for k, v in init.model.state_dict().items()}
+    rec = reconstruct_method(bench, init, QUICK)
+    assert rec.stage == Stage.RECONSTRUCTED and init.stage == Stage.INITIALISED
+    assert all(torch.equal(before[k], v) for k, v in init.model.state_dict().items())
+    changed = [k for k, v in rec.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed, "reconstruction changed nothing"
+    units = [e for e in rec.recon_history if e.kind == "unit"]
+    assert len(units) == 19 and all(e.loss_before is not None for e in units)
+    trained = train_method(bench, rec, TrainConfig(steps=2, batch_size=4, compile=False))
+    assert trained.label == "reconstructed, trained 2 steps"
+    saved = save_result(bench, trained, root=tmp_path)
+    table = pd.read_csv(saved.run_path / "units.csv")
+    assert list(table["unit"])[:2] == ["stem", "blocks.0.0"] and len(table) == 19
+
+
+def test_cli_runs_the_low_bit_recipe(tmp_path):
+    env = {"OMP_NUM_THREADS": "1", "LSQ_RUNS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "lsq", "run", "--resolution", "64", "--calib", "8",
+         "--eval-views", "8", "--recon-views", "8", "--reconstruct", "2", "--steps", "1",
+         "--batch-size", "4", "--eager"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "after reconstruction (2 iterations per unit): agreement" in out.stdout
+    run = next(tmp_path.iterdir())
+    assert (run / "units.csv").exists()

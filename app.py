@@ -11,6 +11,7 @@ pages = [
     st.Page("pages/calibrate.py", title="Calibrate"),
     st.Page("pages/train.py", title="Train"),
     st.Page("pages/layers.py", title="Layers"),
+    st.Page("pages/lab.py", title="Range lab"),
     st.Page("pages/runs.py", title="Runs"),
 ]
 nav = st.navigation(pages)

@@ -24,7 +24,17 @@ from lsq.analysis import grid_levels, histogram_frame, layer_table, sensitivity
 from lsq.config import METHODS, WEIGHT_INIT_CHOICES, QuantConfig, make_config, resolve_weight_init
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
+from lsq.health import model_health
 from lsq.jobs import Job
+from lsq.lab import (
+    LabSetting,
+    RangeLab,
+    intro_grids,
+    setting_from_state,
+    setting_of,
+    swish_sample,
+    values_histogram,
+)
 from lsq.pipeline import (
     DataConfig,
     MethodResult,
@@ -40,6 +50,8 @@ from lsq.pipeline import (
     train_method,
     write_progress,
 )
+from lsq.plots import Grid
+from lsq.runs import list_runs, load_run
 from lsq.train import TrainConfig
 
 #: Views of the evaluation set the per-layer table compares on (output SQNR).
@@ -335,3 +347,80 @@ def sensitivity_job(
     df.insert(0, "method", method)
     job.progress("done", 1, 1)
     return df
+
+
+# ------------------------------------------------------------------------ issue 12: teaching
+
+#: Views the range lab caches and reruns per update (few: every slider move runs them).
+LAB_VIEWS = 8
+_LABS: OrderedDict[tuple, RangeLab] = OrderedDict()
+_LAB_LOCK = threading.Lock()
+
+
+def range_lab(comp: Comparison, layer: str, keep: int = 2) -> RangeLab:
+    """The range lab of one layer on ``comp``'s float model and first LAB_VIEWS evaluation
+    views; the last ``keep`` are kept in memory (building one runs the model once)."""
+    key = (comp.calibration, layer)
+    with _LAB_LOCK:
+        if key in _LABS:
+            _LABS.move_to_end(key)
+            return _LABS[key]
+    first = next(iter(comp.initial.values()))
+    lab = RangeLab(first.model, layer, comp.bench.eval[:LAB_VIEWS])  # a private copy inside
+    with _LAB_LOCK:
+        _LABS[key] = lab
+        while len(_LABS) > keep:
+            _LABS.popitem(last=False)
+    return lab
+
+
+def lab_grid(setting: LabSetting) -> Grid:
+    """A lab setting as the Grid the figures draw."""
+    return Grid(setting.levels, setting.lo, setting.hi)
+
+
+def learned_settings(comp: Comparison, layer: str) -> dict[str, LabSetting]:
+    """The input setting of ``layer`` in every result of ``comp`` (initialised and later), by
+    "method (stage)"; and in every saved run of the same model, by run name."""
+    out: dict[str, LabSetting] = {}
+    for stage in comp.stages:
+        for method, r in comp.results(stage).items():
+            q = quant_layers(r.model)[layer].input_quant
+            if bool(q.initialized):
+                out[f"{method} ({r.label})"] = setting_of(q)
+    for info in list_runs()[:20]:  # the newest: reading each costs a little
+        if info.config.get("method") is None or info.model not in ("", comp.settings.model.name):
+            continue
+        try:
+            run = load_run(info.path)
+            layers = run.tables.get("layers")
+            if run.state is None or layers is None or layer not in set(layers["layer"]):
+                continue
+            bits = int(layers.set_index("layer").loc[layer, "a_bits"])
+            out[f"run {info.name}"] = setting_from_state(
+                run.state, layer, bits, run.config.act_mode == "asymmetric"
+            )
+        except (LSQError, KeyError, ValueError):
+            continue  # a run of another model or an unreadable one: not offered
+    return out
+
+
+def health_frame(comp: Comparison, stage: Stage | str = Stage.INITIALISED) -> pd.DataFrame:
+    """Health findings of every method at ``stage`` (reading the snapshots only), with method."""
+    frames = []
+    for method, r in comp.results(stage).items():
+        traj = history_frames(list(r.history))[1] if r.history else None
+        df = model_health(r.model, comp.bench.stats or {}, traj)
+        df.insert(0, "method", method)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def intro_view(bits: int) -> tuple[pd.DataFrame, list[tuple]]:
+    """The home page's picture: a Swish-like histogram and the three grids with their errors."""
+    x = swish_sample()
+    grids = [
+        (g.name, g.label, lab_grid(g.setting), g.split.total, g.split.clip, g.split.round)
+        for g in intro_grids(bits, x)
+    ]
+    return values_histogram(x), grids

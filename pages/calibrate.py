@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from lsq import plots
-from lsq.explorer import calibrate_job, layer_view
+from lsq.explorer import calibrate_job, health_frame, layer_view
 from lsq.jobs import Job
 from lsq.runs import list_runs
 from lsq.status import Status
@@ -54,7 +54,15 @@ st.subheader("One layer: input histogram and quantization grid, right after init
 layers = list(dict.fromkeys(ranges["layer"]))
 layer = st.selectbox("Layer", layers, index=min(1, len(layers) - 1), key="calib_layer")
 hist, grids, observed = layer_view(comp, layer)
-st.plotly_chart(plots.histogram_figure(hist, grids, observed), key="hist")
+st.plotly_chart(plots.histogram_panels_figure(hist, grids, observed), key="hist")
+
+st.subheader("Health checks, right after init")
+findings = health_frame(comp)
+if findings.empty:
+    st.success("No findings: every method's ranges look healthy.")
+else:
+    st.caption(f"{len(findings)} finding(s); each says what looks wrong and why it matters.")
+    st.dataframe(findings, hide_index=True, key="health")
 with st.expander("Saved runs"):
     for method, path in comp.runs.items():
         st.write(f"{method}: `{Path(path).name}`")

@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from lsq.explorer import Settings, calibrate_job
+from lsq import plots
+from lsq.explorer import Settings, calibrate_job, intro_view
 from lsq.jobs import Job
 from ui import job_manager, show_job, submit
 
@@ -23,11 +24,24 @@ them at no inference cost (it folds into the bias).
   layer's scale and offset move.
 - **Layers**: per-layer error (SQNR) of LSQ+ next to each baseline, worst layers marked, and
   which part of the network the error comes from.
+- **Range lab**: one layer's range under your fingers: clipping and rounding error, and the whole
+  model's KL and agreement with only that layer quantized.
 - **Runs**: saved runs: open, compare, download the per-layer CSV and the checkpoint.
 
 Pick the model, bits and methods in the sidebar, or start with the default.
 """
 )
+
+st.subheader("The idea in one picture")
+st.markdown(
+    "Swish-like activations are skewed with a short negative tail. Each panel puts one grid "
+    "on the same values, at the range that minimises its own error: the unsigned grid clips "
+    "the negatives, the signed grid wastes half its levels on a tail that barely exists, and "
+    "LSQ+'s offset slides the unsigned grid down to where the data start."
+)
+bits = st.select_slider("Bits", list(range(2, 9)), value=3, key="intro_bits")
+hist, grids = intro_view(bits)
+st.plotly_chart(plots.intro_figure(hist, grids, bits), key="intro")
 
 default = Settings()
 st.caption(

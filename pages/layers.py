@@ -66,14 +66,23 @@ metric = st.radio(
     horizontal=True,
 )
 st.plotly_chart(plots.layer_error_figure(df, metric), key="err")
+st.caption(
+    "Why each range: an input error that is mostly clipping means the range is too narrow; "
+    "mostly rounding, that its levels are spread too wide."
+)
+st.plotly_chart(plots.error_split_figure(df), key="split")
 wide = df.pivot_table(index=["index", "layer", "kind", "group"], columns="method", values=metric)
 wide = wide.reset_index().sort_values("lsq+" if "lsq+" in wide.columns else "index")
+if {"clip_error", "round_error"} <= set(df.columns):  # the split, as a share of the error
+    split = df.assign(clipping_share=df["clip_error"] / (df["clip_error"] + df["round_error"]))
+    share = split.pivot_table(index="layer", columns="method", values="clipping_share")
+    wide = wide.merge(share.add_prefix("clipping share ").reset_index(), on="layer", how="left")
 st.caption("Sortable: click a column header. Lowest SQNR (worst) first for LSQ+.")
 st.dataframe(wide, hide_index=True, key="table")
 
 layer = st.selectbox("Show a layer's input histogram and ranges", list(wide["layer"]))
 hist, grids, observed = layer_view(comp, layer, stage)
-st.plotly_chart(plots.histogram_figure(hist, grids, observed), key="hist")
+st.plotly_chart(plots.histogram_panels_figure(hist, grids, observed), key="hist")
 
 st.subheader("Where the error comes from")
 method = st.selectbox("Method", list(results), key="sens_method")

@@ -148,6 +148,20 @@ def test_home_page_explains_and_offers_the_default():
     assert any(b.label == "Run the default" for b in at.button)
 
 
+def test_home_page_intro_figure_redraws_at_the_chosen_bits():
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    (intro,) = figures(at)
+    heads = [a["text"] for a in intro["layout"]["annotations"]]
+    assert [h.split("</b>")[0] for h in heads] == ["<b>lsq", "<b>lsq-signed", "<b>lsq+"]
+    assert "least" in heads[2] and "3 bits" in intro["layout"]["title"]["text"]
+    at.select_slider(key="intro_bits").set_value(2).run()
+    assert not at.exception
+    (intro,) = figures(at)
+    assert "2 bits" in intro["layout"]["title"]["text"]
+    assert any("4 levels" in name for name in trace_names(intro))
+
+
 @pytest.fixture(scope="module")
 def calibrated(runs_dir, manager):
     at = small_app("pages/calibrate.py")
@@ -209,8 +223,12 @@ def test_layers_page_tables_and_sensitivity(calibrated, manager):
     at.run()
     assert not at.exception, at.exception
     figs = figures(at)
-    assert len(figs) == 2
-    err = figs[0]
+    assert len(figs) == 3  # error per layer, clipping vs rounding, one layer's histograms
+    err, split, hist = figs
+    assert {"clipping", "rounding"} <= set(trace_names(split))
+    heads = [a["text"] for a in split["layout"]["annotations"]]
+    assert sum(h.startswith("<b>") for h in heads) == len(set(layers.result["method"]))
+    assert len([a for a in hist["layout"]["annotations"] if a["text"].startswith("<b>")]) >= 2
     assert {"lsq+", "lsq", "minmax"} <= set(trace_names(err))
     assert all(len(points(d)) == 50 for d in err["data"] if d.get("name") in METHODS)
     click_and_wait(at, "Measure sensitivity", manager, "sensitivity")
@@ -228,3 +246,33 @@ def test_runs_page_lists_and_opens_runs(calibrated, runs_dir):
     assert len(table) >= len(METHODS)
     assert set(table["status"]) <= {"complete", "stopped"}
     assert at.get("download_button"), "the opened run offers its CSV and checkpoint"
+
+
+def metric(at: AppTest, label: str) -> str:
+    return [m.value for m in at.metric if m.label == label][0]
+
+
+def test_range_lab_moves_with_its_sliders_and_snaps(calibrated, manager):
+    at = small_app("pages/lab.py")
+    assert at.selectbox(key="lab_layer").value == "blocks.0.0.conv_dw"
+    (fig,) = figures(at)
+    assert any(name.startswith("lsq+: 16 levels") for name in trace_names(fig))
+    kl_mse = float(metric(at, "Model KL to float"))
+    lo, hi = at.slider(key="lab_range").value
+    at.slider(key="lab_range").set_value((lo, lo + (hi - lo) / 4)).run()  # clip hard
+    assert not at.exception, at.exception
+    assert float(metric(at, "Model KL to float")) > kl_mse
+    assert float(metric(at, "Clipping error (MSE)")) > 0
+    at.button(key="snap-minmax").click().run()
+    assert not at.exception, at.exception
+    assert float(metric(at, "Clipping error (MSE)")) == pytest.approx(0, abs=1e-9)
+    assert "ms on 8 views" in " ".join(c.value for c in at.caption)
+    at.radio(key="lab_grid").set_value("signed").run()
+    assert not at.exception, at.exception
+    assert any(name.startswith("lsq-signed: 16 levels") for name in trace_names(figures(at)[0]))
+    at.button(key="snap-learned").click().run()  # the first learned value: lsq+ after init
+    assert not at.exception, at.exception
+    assert at.radio(key="lab_grid").value == "asymmetric"
+    init = manager.latest("calibrate").result.initial["lsq+"].init_frame().set_index("name")
+    want = init.loc["blocks.0.0.conv_dw", ["lo", "hi"]].to_list()
+    assert list(at.slider(key="lab_range").value) == pytest.approx(want, rel=1e-4)

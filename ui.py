@@ -269,8 +269,7 @@ def _job_progress(job_id: str) -> None:
         return
     if not job.active:
         st.rerun()  # the job ended: redraw the whole page with its results
-    label = f"{job.title}: {job.stage or 'starting'} ({job.elapsed:.0f} s)"
-    st.progress(job.fraction, text=label)
+    st.progress(job.fraction, text=job.describe())
     if st.button("Stop", key=f"stop-{job_id}", help="ends the job after the current step"):
         job.request_stop()
         st.toast("Stopping after the current step…")

@@ -68,6 +68,28 @@ class Job:
             return 0.0
         return (self.finished or time.time()) - self.started
 
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left at the pace so far (None before the first step is done)."""
+        if not self.total or not self.done or self.done >= self.total:
+            return None
+        return self.elapsed * (self.total - self.done) / self.done
+
+    def describe(self) -> str:
+        """One line for a progress bar: stage, steps done, time taken and time left."""
+        text = f"{self.title}: {self.stage or 'starting'}"
+        if self.total:
+            text += f" — {self.done}/{self.total}"
+        text += f" ({self.elapsed:.0f} s"
+        left = self.remaining
+        if left is not None:
+            text += f", about {_duration(left)} left"
+        return text + ")"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
 
 class JobManager:
     """Runs one job at a time in a daemon thread; keeps finished jobs for pages to read."""

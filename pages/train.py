@@ -1,4 +1,5 @@
-"""Train: a short QAT of the calibrated methods, with live curves and quantizer trajectories."""
+"""Train: block-wise reconstruction and/or a short QAT of the calibrated methods, with live
+curves, each unit's repaired error, and quantizer trajectories."""
 
 import dataclasses
 
@@ -6,23 +7,43 @@ import streamlit as st
 
 from lsq import plots
 from lsq.errors import LSQError
-from lsq.explorer import events_frames, train_job
+from lsq.explorer import RECIPES, default_recipe, events_frames, train_job, units_frame
 from lsq.jobs import Job
+from lsq.reconstruct import ReconstructConfig
 from lsq.status import Status
 from lsq.train import OPTIMIZERS, TrainConfig
 from ui import comparison_or_stop, latest_job, show_job, show_metrics, submit
 
-#: The form's defaults: one home, ``TrainConfig``.
+#: The form's defaults: one home, ``TrainConfig`` and ``ReconstructConfig``.
 DEFAULT = TrainConfig()
+RECON = ReconstructConfig()
 
 st.title("Quantization-aware training")
 comp = comparison_or_stop(": training starts from the initialised ranges")
 methods_all = list(comp.initial)
 
 with st.form("train"):
+    recipes = list(RECIPES)
+    recipe = st.radio(
+        "Recipe",
+        recipes,
+        index=recipes.index(default_recipe(comp.settings)),
+        format_func=RECIPES.get,
+        horizontal=True,
+        help="Block-wise reconstruction repairs one block at a time against the float block's "
+        "output (BRECQ/QDrop with LSQ+'s learnable offsets): what makes 4-bit weights work on "
+        "a few photos. QAT then fine-tunes the whole network against the float logits.",
+    )
     c1, c2, c3 = st.columns(3)
     methods = c1.multiselect("Methods to train", methods_all, default=methods_all[:2])
-    steps = c1.number_input("Steps", min_value=1, max_value=2000, value=DEFAULT.steps, step=5)
+    steps = c1.number_input("QAT steps", min_value=1, max_value=2000, value=DEFAULT.steps, step=5)
+    iters = c1.number_input(
+        "Reconstruction iterations per block",
+        min_value=1,
+        max_value=5000,
+        value=RECON.iters,
+        step=10,
+    )
     optimizer = c2.selectbox("Optimizer", OPTIMIZERS, index=OPTIMIZERS.index(DEFAULT.optimizer))
     batch = c2.number_input("Batch size", min_value=1, max_value=256, value=DEFAULT.batch_size)
     lr_w = c3.number_input(
@@ -61,12 +82,17 @@ if go:
             lr_weight_quant=float(lr_wq),
             device=comp.settings.device,
         )
+        recon = None
+        if recipe != "qat":
+            recon = dataclasses.replace(RECON, iters=int(iters), device=comp.settings.device)
+        if recipe == "reconstruct":
+            cfg = None
         if not methods:
             raise LSQError("choose at least one method to train")
         params = {"methods": methods, "calibration": comp.calibration, "settings": comp.settings}
         submit(
-            Job("train", f"Training {', '.join(methods)}", params),
-            lambda j: train_job(j, comp, methods, cfg, continue_trained=resume),
+            Job("train", f"{RECIPES[recipe]}: {', '.join(methods)}", params),
+            lambda j: train_job(j, comp, methods, cfg, continue_trained=resume, recon_cfg=recon),
         )
     except LSQError as e:
         st.error(str(e))
@@ -84,7 +110,12 @@ layer = st.selectbox(
 
 
 def draw() -> None:
+    units = units_frame(job)
+    if not units.empty:
+        st.plotly_chart(plots.units_figure(units), key="units")
     metrics, traj = events_frames(job)
+    if metrics.empty:
+        return
     c1, c2 = st.columns(2)
     c1.plotly_chart(plots.curves_figure(metrics, "loss"), key="loss")
     c2.plotly_chart(plots.curves_figure(metrics, "agreement"), key="agreement")
@@ -98,9 +129,7 @@ if job.active:
     def live() -> None:
         if not job.active:
             st.rerun()
-        st.progress(
-            job.fraction, text=f"{job.title}: {job.stage or 'starting'} ({job.elapsed:.0f} s)"
-        )
+        st.progress(job.fraction, text=job.describe())
         if st.button("Stop", key="stop-train"):
             job.request_stop()
             st.toast("Stopping after the current step…")
@@ -113,6 +142,10 @@ else:
     if job.status == Status.DONE:
         st.success(f"{job.title} finished in {job.elapsed:.0f} s; saved as runs (Runs page).")
     if job.result is not None:
-        st.caption("Each method after its latest training; methods not trained: right after init.")
-        show_metrics(shown.metrics_frame("trained"))
+        stage = shown.stages[-1]
+        st.caption(
+            f"Each method at its latest stage ({stage}); methods that did not reach it: right "
+            "after init."
+        )
+        show_metrics(shown.metrics_frame(stage))
     draw()

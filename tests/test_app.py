@@ -186,7 +186,8 @@ def test_calibrate_page_draws_ranges_and_histogram_for_every_method(calibrated):
 
 def test_train_page_trains_and_draws_curves(calibrated, manager):
     at = small_app("pages/train.py")
-    [n for n in at.number_input if n.label == "Steps"][0].set_value(2)
+    assert at.radio[0].value == "qat"  # 8-bit weights: QAT alone by default
+    [n for n in at.number_input if n.label == "QAT steps"][0].set_value(2)
     job = click_and_wait(at, "Train", manager, "train")
     assert [m for m, e in job.events if e.kind == "step"] == ["lsq+", "lsq+", "lsq", "lsq"]
     at.run()
@@ -205,6 +206,25 @@ def test_train_page_trains_and_draws_curves(calibrated, manager):
         "lsq-signed": "not trained",
         "minmax": "not trained",
     }
+
+
+def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, manager):
+    at = small_app("pages/train.py")
+    at.radio[0].set_value("reconstruct+qat")
+    [n for n in at.number_input if n.label == "QAT steps"][0].set_value(1)
+    [n for n in at.number_input if n.label.startswith("Reconstruction iter")][0].set_value(2)
+    at.multiselect[0].set_value(["lsq+"])
+    job = click_and_wait(at, "Train", manager, "train")
+    kinds = [e.kind for m, e in job.events]
+    assert kinds.count("unit") == 19 and kinds[-1] == "done"
+    at.run()
+    assert not at.exception, at.exception
+    units = figures(at)[0]
+    assert "reconstruction" in units["layout"]["title"]["text"].lower()
+    assert {"lsq+, before", "lsq+, after"} == set(trace_names(units))
+    assert len(points(units["data"][0])) == 19
+    stages = dict(zip(at.dataframe[0].value["method"], at.dataframe[0].value["stage"], strict=True))
+    assert stages["lsq+"] == "reconstructed, trained 1 step"
 
 
 def test_layers_page_tables_and_sensitivity(calibrated, manager):

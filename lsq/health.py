@@ -9,7 +9,8 @@ saved run (``run_health``, from its ``layers.csv``, ``state.safetensors`` and
 - scale_collapse: an activation scale shrank by more than COLLAPSE times during QAT;
 - offset_outside: an LSQ+ offset left the observed data range;
 - range_too_wide: less than WIDE_USE of the grid's span holds data (levels wasted);
-- dead_channels: weight output channels that are all zero.
+- dead_channels: weight output channels that are all zero (or below DEAD_RELATIVE of the
+  layer's largest weight).
 
 Weights oscillating across a rounding boundary during QAT are not checked: training records only
 each layer's mean weight scale per step, not the weights, so flips cannot be counted afterwards.
@@ -38,6 +39,9 @@ COLLAPSE = 5.0
 OFFSET_MARGIN = 0.25
 #: A grid whose span holds data on less than this share of it wastes its levels.
 WIDE_USE = 0.25
+#: A weight channel whose largest magnitude is below this share of the layer's largest is dead
+#: (the bundled model has channels at 1e-8 next to ones at 3: zero in all but name).
+DEAD_RELATIVE = 1e-6
 
 CHECKS = (
     "negative_input",
@@ -127,13 +131,15 @@ def check_state(state: Mapping[str, Tensor], layers: list[str]) -> list[dict]:
         dead = torch.zeros(0, dtype=torch.bool)
         if w_key in state:
             w = state[w_key].float()
-            dead = w.reshape(w.shape[0], -1).abs().amax(1) == 0
+            peak = w.reshape(w.shape[0], -1).abs().amax(1)
+            dead = peak <= DEAD_RELATIVE * float(peak.max())
             if dead.any():
                 out.append(
                     _finding(
                         name,
                         "dead_channels",
-                        f"{int(dead.sum())} of {len(dead)} output channels have all-zero weights",
+                        f"{int(dead.sum())} of {len(dead)} output channels are dead (weights zero "
+                        f"or below {DEAD_RELATIVE:g} of the layer's largest): they add nothing",
                     )
                 )
         if wq_key in state:

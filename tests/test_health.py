@@ -70,6 +70,8 @@ def test_scale_at_the_floor_and_dead_channels():
     with torch.no_grad():
         layers["c"].layer.weight[2].zero_()  # dead channel: its scale at the floor is expected
         layers["c"].weight_quant.scale[2] = SCALE_FLOOR
+        layers["c"].layer.weight[5].mul_(1e-8)  # zero in all but name: dead as well
+        layers["c"].weight_quant.scale[5] = SCALE_FLOOR
         layers["a"].weight_quant.scale[1] = SCALE_FLOOR  # not dead: a real problem
     report = model_health(model, stats)
     assert found(report) == {
@@ -77,7 +79,7 @@ def test_scale_at_the_floor_and_dead_channels():
         ("c", "dead_channels"),
         ("a", "scale_floor"),
     }, report.to_string()
-    assert "1 of 8 output channels" in report[report["check"] == "dead_channels"]["reason"].iloc[0]
+    assert "2 of 8 output channels" in report[report["check"] == "dead_channels"]["reason"].iloc[0]
 
 
 def test_offset_outside_the_data_and_a_range_much_wider_than_the_data():

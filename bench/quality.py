@@ -70,7 +70,7 @@ def method_table(
                 "init KL": res.metrics_init["kl"],
             }
             if steps and cfg.learnable:
-                train_method(bench, res, TrainConfig(steps=steps, eval_every=steps, seed=0))
+                res = train_method(bench, res, TrainConfig(steps=steps, eval_every=steps, seed=0))
                 row.update(
                     {
                         "QAT agreement": res.metrics_final["agreement"],
@@ -93,7 +93,9 @@ def variance_table(bench, bits: list[tuple[int, int]], seeds: int, steps: int) -
                 extra = {"weight_init": "mse"} if w >= 6 else {}
                 cfg = make_config("lsq+", w, b, act_init=init, **extra)
                 res = init_method(bench, cfg)
-                train_method(bench, res, TrainConfig(steps=steps, eval_every=steps, seed=seed))
+                res = train_method(
+                    bench, res, TrainConfig(steps=steps, eval_every=steps, seed=seed)
+                )
                 agree.append(res.metrics_final["agreement"])
                 kl.append(res.metrics_final["kl"])
                 log(f"  W{w}A{b} {init} seed {seed}: agreement {agree[-1]:.3f} KL {kl[-1]:.3f}")

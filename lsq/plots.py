@@ -1161,3 +1161,43 @@ def compare_figure(
         _readable_log(fig, "y", float(mean[metric].min()), float(mean[metric].max()))
     fig.update_layout(hovermode="closest")
     return _style(fig, title, "bits", label + (" (log scale)" if log_y else ""))
+
+
+# -------------------------------------------------------------------------- reconstruction
+def units_figure(units: pd.DataFrame) -> go.Figure:
+    """Each unit's output error before and after block-wise reconstruction, per method.
+
+    ``units``: columns method, unit, index, before, after (``lsq.explorer.units_frame``). The
+    error axis is logarithmic: the stem's error and a late block's differ by orders of magnitude.
+    """
+    title = "Block-wise reconstruction: each unit's output error (quantized input) before and after"
+    data = _clean(units, ["index", "before", "after"], required=["method", "unit"])
+    if data is None:
+        return empty_figure(title)
+    data = _finite(data, ["before", "after"])
+    data = data[(data["before"] > 0) & (data["after"] > 0)]
+    if data.empty:
+        return empty_figure(title)
+    long = data.melt(
+        id_vars=["method", "unit", "index"],
+        value_vars=["before", "after"],
+        var_name="when",
+        value_name="error",
+    )
+    methods = _ordered_methods(long["method"])
+    fig = px.line(
+        long.sort_values("index"),
+        x="unit",
+        y="error",
+        color="method",
+        line_dash="when",
+        markers=True,
+        color_discrete_map=_method_colors(methods),
+        category_orders={"method": methods, "when": ["before", "after"]},
+        log_y=True,
+    )
+    for t in fig.data:
+        t.hovertemplate = "%{x}<br>error %{y:.4g}<extra>" + t.name + "</extra>"
+    _readable_log(fig, "y", float(long["error"].min()), float(long["error"].max()))
+    fig.update_xaxes(tickangle=-45)
+    return _style(fig, title, "unit (in the order data flows)", "output error (MSE; KL last)")

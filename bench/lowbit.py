@@ -1,0 +1,299 @@
+"""The low-bit recipe on the bundled EfficientNet-Lite0: block-wise reconstruction, then QAT.
+
+    .venv/bin/python bench/lowbit.py                          # the method x bits table
+    .venv/bin/python bench/lowbit.py --bits 4/4 --methods lsq+ --seeds 3     # + seed spread
+    .venv/bin/python bench/lowbit.py --bits 4/4 --methods lsq+ --data        # photos vs synthetic
+    .venv/bin/python bench/lowbit.py --bits 4/4,8/4 --methods lsq+ --optimizers --views
+
+Tables (each optional but the first):
+1. Methods x bits: top-1 agreement and KL against the float model on the held-out evaluation
+   photos right after init, after block-wise reconstruction, and after QAT on top; seconds of
+   reconstruction + QAT per method (2 threads, this machine).
+2. ``--seeds N``: the spread across N seeds (views and batches) after the recipe, LSQ+ with MSE
+   activation init against min/max init.
+3. ``--data``: calibration and reconstruction on the photos, on images synthesised from the
+   model's BatchNorm statistics alone, and on both (W8A8 init only, and the recipe).
+4. ``--optimizers``: QAT after reconstruction with Adam at absolute rates (the QAT defaults),
+   Adam with updates relative to each quantizer's scale, and SGD with LSQ's gradient scaling.
+5. ``--views``: QAT and reconstruction on fresh crops every step against the fixed views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from bench.tables import markdown  # noqa: E402
+from lsq.config import make_config, resolve_weight_init  # noqa: E402
+from lsq.pipeline import (  # noqa: E402
+    DataConfig,
+    init_method,
+    prepare,
+    reconstruct_method,
+    train_method,
+)
+from lsq.reconstruct import ReconstructConfig  # noqa: E402
+from lsq.train import TrainConfig  # noqa: E402
+
+METHODS = ["lsq+", "lsq", "lsq-signed", "minmax"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def config(method: str, w: int, a: int, **changes):
+    """The method at these bits with the app's weight init ("auto")."""
+    wi = resolve_weight_init(method, w, "auto")
+    return make_config(method, w, a, weight_init=wi, **changes)
+
+
+def recipe(bench, cfg, recon: ReconstructConfig, train: TrainConfig | None) -> dict:
+    """Init, reconstruction, QAT: each stage's agreement and KL, and the seconds taken."""
+    init = init_method(bench, cfg)
+    row = {"init agreement": init.metrics["agreement"], "init KL": init.metrics["kl"]}
+    t0 = time.perf_counter()
+    rec = reconstruct_method(bench, init, recon)
+    row.update({"rec agreement": rec.metrics["agreement"], "rec KL": rec.metrics["kl"]})
+    if train is not None and cfg.learnable:
+        qat = train_method(bench, rec, train)
+        row.update({"QAT agreement": qat.metrics["agreement"], "QAT KL": qat.metrics["kl"]})
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def method_table(bench, bits, methods, recon, train) -> pd.DataFrame:
+    rows = []
+    for w, a in bits:
+        for method in methods:
+            row = {"method": method, "bits": f"W{w}A{a}"}
+            row.update(recipe(bench, config(method, w, a), recon, train))
+            rows.append(row)
+            log(f"  {row}")
+    return pd.DataFrame(rows)
+
+
+def spread_table(bench_for_seed, bits, seeds, recon, train) -> pd.DataFrame:
+    rows = []
+    for w, a in bits:
+        for act_init in ("mse", "minmax"):
+            results = []
+            for seed in range(seeds):
+                bench = bench_for_seed(seed)
+                r = recipe(
+                    bench,
+                    config("lsq+", w, a, act_init=act_init),
+                    dataclasses.replace(recon, seed=seed),
+                    dataclasses.replace(train, seed=seed) if train else None,
+                )
+                results.append(r)
+                log(f"  W{w}A{a} {act_init} seed {seed}: {r}")
+            last = "QAT" if train else "rec"
+            agree = [r[f"{last} agreement"] for r in results]
+            kl = [r[f"{last} KL"] for r in results]
+            rows.append(
+                {
+                    "bits": f"W{w}A{a}",
+                    "LSQ+ act init": act_init,
+                    "seeds": seeds,
+                    "agreement mean": statistics.mean(agree),
+                    "agreement std": statistics.stdev(agree) if seeds > 1 else 0.0,
+                    "KL mean": statistics.mean(kl),
+                    "KL std": statistics.stdev(kl) if seeds > 1 else 0.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def data_table(make_bench, data: DataConfig, synthetic: int, recon, train) -> pd.DataFrame:
+    rows = []
+    sources = {
+        "photos": data,
+        "synthetic only": dataclasses.replace(data, source="synthetic", synthetic=synthetic),
+        "photos + synthetic": dataclasses.replace(data, synthetic=synthetic),
+    }
+    for name, d in sources.items():
+        t0 = time.perf_counter()
+        bench = make_bench(d)
+        prep = time.perf_counter() - t0
+        w8 = init_method(bench, config("lsq+", 8, 8))
+        row = {
+            "calibration data": name,
+            "W8A8 init agreement": w8.metrics["agreement"],
+            "W8A8 init KL": w8.metrics["kl"],
+        }
+        r = recipe(bench, config("lsq+", 4, 4), recon, train)
+        last = "QAT" if train else "rec"
+        row.update(
+            {
+                "W4A4 recipe agreement": r[f"{last} agreement"],
+                "W4A4 recipe KL": r[f"{last} KL"],
+                "prepare s (incl. synthesis)": prep,
+            }
+        )
+        rows.append(row)
+        log(f"  {row}")
+    return pd.DataFrame(rows)
+
+
+def optimizer_table(bench, bits, recon, train: TrainConfig) -> pd.DataFrame:
+    variants = {
+        "Adam, absolute rates (QAT defaults)": train,
+        "Adam, relative to the scale (1e-2)": dataclasses.replace(
+            train, relative_quant_lr=True, lr_weight_quant=1e-2, lr_act_quant=1e-2
+        ),
+        "SGD, LSQ gradient scaling": dataclasses.replace(
+            train, optimizer="sgd", lr_weights=1e-3, lr_weight_quant=1e-2, lr_act_quant=1e-2
+        ),
+    }
+    rows = []
+    for w, a in bits:
+        init = init_method(bench, config("lsq+", w, a))
+        start = reconstruct_method(bench, init, recon) if w <= 5 else init
+        for name, cfg in variants.items():
+            qat = train_method(bench, start, cfg)
+            rows.append(
+                {
+                    "bits": f"W{w}A{a}",
+                    "start": "reconstructed" if w <= 5 else "initialised",
+                    "QAT optimizer": name,
+                    "before agreement": start.metrics["agreement"],
+                    "before KL": start.metrics["kl"],
+                    "after agreement": qat.metrics["agreement"],
+                    "after KL": qat.metrics["kl"],
+                }
+            )
+            log(f"  {rows[-1]}")
+    return pd.DataFrame(rows)
+
+
+def views_table(make_bench, data, bits, recon, train) -> pd.DataFrame:
+    rows = []
+    for fresh in (True, False):
+        bench = make_bench(dataclasses.replace(data, fresh_views=fresh))
+        for w, a in bits:
+            cfg = config("lsq+", w, a)
+            init = init_method(bench, cfg)
+            row = {
+                "views": "fresh crops every step" if fresh else "fixed views",
+                "bits": f"W{w}A{a}",
+            }
+            if w <= 5:
+                rec = reconstruct_method(bench, init, recon)
+                row.update({"rec agreement": rec.metrics["agreement"], "rec KL": rec.metrics["kl"]})
+            qat = train_method(bench, init, train)
+            row.update(
+                {"QAT-only agreement": qat.metrics["agreement"], "QAT-only KL": qat.metrics["kl"]}
+            )
+            rows.append(row)
+            log(f"  {row}")
+    return pd.DataFrame(rows)
+
+
+def parse_bits(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        w, a = part.split("/")
+        out.append((int(w), int(a)))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--resolution", type=int, default=160)
+    p.add_argument("--views", dest="eval_views", type=int, default=64, help="evaluation views")
+    p.add_argument("--calib", type=int, default=64)
+    p.add_argument("--recon-views", type=int, default=DataConfig().recon_views)
+    p.add_argument("--iters", type=int, default=ReconstructConfig().iters)
+    p.add_argument("--steps", type=int, default=20, help="QAT steps after reconstruction (0: none)")
+    p.add_argument("--bits", type=parse_bits, default=parse_bits("4/4,3/3,2/2,8/4"))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", type=int, default=0)
+    p.add_argument("--spread-bits", type=parse_bits, default=parse_bits("4/4"))
+    p.add_argument("--data", action="store_true")
+    p.add_argument("--synthetic", type=int, default=128)
+    p.add_argument("--optimizers", action="store_true")
+    p.add_argument("--compare-views", action="store_true")
+    p.add_argument("--skip-main", action="store_true", help="only the optional tables")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    command = "python bench/lowbit.py " + " ".join(sys.argv[1:])
+    t_start = time.perf_counter()
+    data = DataConfig(
+        resolution=args.resolution,
+        calib_views=args.calib,
+        eval_views=args.eval_views,
+        recon_views=args.recon_views,
+    )
+    recon = ReconstructConfig(iters=args.iters)
+    train = TrainConfig(steps=args.steps, eval_every=args.steps) if args.steps else None
+    benches: dict = {}
+
+    def make_bench(d: DataConfig):
+        if d not in benches:
+            log(f"preparing {d}")
+            benches[d] = prepare(data=d)
+        return benches[d]
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = [
+        f"`{command}`: bundled EfficientNet-Lite0, {args.resolution} px, "
+        f"{args.recon_views} reconstruction views (fresh crops of the calibration photos), "
+        f"{args.iters} iterations per unit, then {args.steps} QAT steps; {args.eval_views} "
+        f"held-out evaluation views; torch {torch.__version__}, {args.threads} threads"
+    ]
+    if not args.skip_main:
+        log("method x bits")
+        table = method_table(make_bench(data), args.bits, methods, recon, train)
+        out += [
+            "",
+            "#### Methods x bits: init, block-wise reconstruction, QAT",
+            "",
+            markdown(table),
+        ]
+    if args.seeds:
+        log("seed spread")
+        table = spread_table(
+            lambda s: make_bench(dataclasses.replace(data, seed=s)),
+            args.spread_bits,
+            args.seeds,
+            recon,
+            train,
+        )
+        out += ["", f"#### Spread across {args.seeds} seeds after the recipe", "", markdown(table)]
+    if args.data:
+        log("data sources")
+        table = data_table(make_bench, data, args.synthetic, recon, train)
+        out += [
+            "",
+            f"#### Photos vs {args.synthetic} images synthesised from BatchNorm statistics",
+            "",
+            markdown(table),
+        ]
+    if args.optimizers:
+        log("optimizers")
+        qat = train or TrainConfig(steps=20, eval_every=20)
+        table = optimizer_table(make_bench(data), args.bits, recon, qat)
+        out += ["", "#### QAT optimizer", "", markdown(table)]
+    if args.compare_views:
+        log("views")
+        qat = train or TrainConfig(steps=20, eval_every=20)
+        table = views_table(make_bench, data, args.bits, recon, qat)
+        out += ["", "#### Fresh crops every step vs fixed views", "", markdown(table)]
+    out += ["", f"wall time {(time.perf_counter() - t_start) / 60:.1f} min"]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

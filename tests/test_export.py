@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -116,6 +117,7 @@ def test_onnx_runtime_matches_the_fake_quant_model_on_a_random_timm_model(resnet
     report = export_onnx(model, tmp_path / "m.onnx", x)
     parity = onnx_parity(model, report.path, x)
     assert parity["agreement"] >= 0.99 and parity["kl"] <= 1e-3
+    assert parity["logit_sqnr_db"] >= 30  # measured 44 dB
     # ONNX Runtime computes what the deploy model computes in PyTorch (up to the odd rounding
     # flip where the two sum in different orders).
     deployed, _ = deploy_model(model, x)
@@ -218,10 +220,10 @@ def test_snapping_moves_the_grid_by_at_most_half_a_step():
     model, x = tiny_quantized(3)
     aq = model.get_submodule("conv").input_quant
     with torch.no_grad():
-        aq.offset.fill_(-2.37 * float(aq.scale))  # 0.37 of a step off the grid
+        aq.offset.fill_(-2.63 * float(aq.scale))  # 0.37 of a step off the grid
     deployed, records = deploy_model(model, x, offset="snap")
     rec = {r.layer: r for r in records}["conv"]
-    assert rec.zero_point == 2 and rec.snap_error_steps == pytest.approx(0.37, abs=1e-5)
+    assert rec.zero_point == 3 and rec.snap_error_steps == pytest.approx(0.37, abs=1e-5)
     table = offset_table(model).set_index("layer")
     assert table.loc["conv", "snap_error_steps"] == pytest.approx(0.37, abs=1e-5)
     assert (table["snap_error_steps"] <= 0.5).all()
@@ -246,6 +248,12 @@ def test_a_range_without_zero_is_moved_not_given_an_impossible_zero_point(tmp_pa
     with torch.no_grad():
         expected = deployed(x)
     torch.testing.assert_close(onnx_logits(report.path, x), expected, atol=1e-4, rtol=1e-4)
+    # The grid moved by 0.4 of a step, not by hundreds.
+    s = float(aq.scale.detach())
+    levels = float(aq.offset.detach()) + s * torch.arange(1.0, aq.qmax)
+    with torch.no_grad():
+        moved = (deployed.get_submodule("conv").quantized_input(levels) - levels).abs()
+    assert float(moved.max()) == pytest.approx(0.4 * s, abs=1e-4)
 
 
 # --- integer safetensors -------------------------------------------------------------------------
@@ -269,6 +277,9 @@ def test_integer_safetensors_hold_codes_scales_zero_points_and_the_arithmetic_wo
     with torch.no_grad():
         torch.testing.assert_close(y, deployed.get_submodule("conv")(inp), atol=1e-5, rtol=1e-5)
     assert header["layers"]["pw"]["route"] == "fold" and layer["route"] == "snap"
+    # The folded layer subtracts its continuous offset before rounding.
+    beta = float(model.get_submodule("pw").input_quant.offset.detach())
+    assert float(t["pw.input_shift"]) == pytest.approx(beta) and beta != 0
 
 
 # --- bad input, runs, atomic writes ---------------------------------------------------------------
@@ -310,7 +321,7 @@ def test_bad_input_is_refused_in_words(resnet, tmp_path):
         ro.chmod(0o700)
 
 
-def test_a_failed_export_leaves_no_half_written_file(tmp_path):
+def test_a_failed_export_leaves_no_half_written_file(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 8, 8)
     model = quantized(Untraceable(), make_config("lsq+", 8, 8), x)
     with pytest.raises(LSQError, match="cannot trace Untraceable"):
@@ -319,6 +330,20 @@ def test_a_failed_export_leaves_no_half_written_file(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"the previous export")
     with pytest.raises(LSQError):
         export_onnx(model, tmp_path / "m.onnx", x)
+    assert (tmp_path / "m.onnx").read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+    def dies_half_way(model, args, f, **kwargs):
+        Path(f).write_bytes(b"half an ONNX file")
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(torch.onnx, "export", dies_half_way)
+    with pytest.raises(LSQError, match="killed mid-write"):
+        export_onnx(
+            quantized(Tiny(), make_config("lsq+", 8, 8), torch.randn(2, 4, 6, 6)),
+            tmp_path / "m.onnx",
+            torch.randn(1, 4, 6, 6),
+        )
     assert (tmp_path / "m.onnx").read_bytes() == b"the previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 

@@ -7,7 +7,14 @@ import streamlit as st
 
 from lsq import plots
 from lsq.errors import LSQError
-from lsq.explorer import RECIPES, default_recipe, events_frames, train_job, units_frame
+from lsq.explorer import (
+    RECIPES,
+    default_recipe,
+    events_frames,
+    health_frame,
+    train_job,
+    units_frame,
+)
 from lsq.jobs import Job
 from lsq.reconstruct import ReconstructConfig
 from lsq.status import Status
@@ -148,4 +155,8 @@ else:
             "after init."
         )
         show_metrics(shown.metrics_frame(stage))
+        health = health_frame(shown, stage)
+        if not health.empty:
+            st.caption("Health checks of the results above (one line per finding):")
+            st.dataframe(health, hide_index=True)
     draw()

@@ -29,6 +29,9 @@ MAX_UPLOAD_MB = 200
 
 #: The sidebar's defaults: one home, ``Settings``.
 DEFAULT = Settings()
+SYNTHETIC_ONLY = "Synthesised from the model (no photo)"
+SYNTHETIC_COUNTS = [0, 32, 64, 128, 256]
+
 BASELINES = [m for m in METHODS if m != "lsq+"]
 BITS = list(range(MIN_BITS, MAX_BITS + 1))
 SIZES = [64, 96, 128, 160, 192, 224, 240, 260]  # 240, 260: EfficientNet-Lite1/Lite2's own
@@ -126,9 +129,27 @@ def sidebar() -> Settings | None:
     sb.header("Data")
     data_src = sb.radio(
         "Calibration images",
-        ["Bundled photos (scikit-image)", "Folder on the server", "Upload images"],
+        [
+            "Bundled photos (scikit-image)",
+            "Folder on the server",
+            "Upload images",
+            SYNTHETIC_ONLY,
+        ],
         key="data_src",
+        help="Evaluation always uses held-out photos. Synthesised images are optimised until the "
+        "model's BatchNorm statistics match their running values: data from nothing.",
     )
+    synthetic = 0
+    if data_src != SYNTHETIC_ONLY:
+        synthetic = sb.select_slider(
+            "Add images synthesised from the model",
+            SYNTHETIC_COUNTS,
+            DEFAULT.data.synthetic,
+            key="synthetic",
+            help="More variety for reconstruction and QAT than a few photos give. Made once per "
+            "model and resolution and cached on disk (about 3 s per image at 160 px on 2 CPU "
+            "cores).",
+        )
     folder = None
     if data_src == "Folder on the server":
         folder = sb.text_input("Folder path", key="folder").strip() or None
@@ -181,11 +202,12 @@ def sidebar() -> Settings | None:
     sb.caption(found)
     try:
         data = DataConfig(
-            source="folder" if folder else "bundled",
+            source="synthetic" if data_src == SYNTHETIC_ONLY else "folder" if folder else "bundled",
             folder=folder,
             resolution=resolution,
             calib_views=views,
             eval_views=views,
+            synthetic=synthetic,
         )
         return Settings(
             model=spec,

@@ -125,7 +125,13 @@ def get_workbench(settings: Settings, job: Job | None = None, keep: int = 2) -> 
             _BENCHES.move_to_end(key)
             return _BENCHES[key]
     progress = job.progress if job is not None else (lambda *a: None)
-    bench = prepare(settings.model, settings.data, device=settings.device, progress=progress)
+    bench = prepare(
+        settings.model,
+        settings.data,
+        device=settings.device,
+        progress=progress,
+        should_stop=job.stop_requested if job is not None else None,
+    )
     with _BENCH_LOCK:
         _BENCHES[key] = bench
         while len(_BENCHES) > keep:

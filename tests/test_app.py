@@ -98,6 +98,18 @@ def test_nonsense_in_the_url_falls_back_to_defaults(key, value):
     assert at.session_state["settings"] == Settings()
 
 
+def test_sidebar_offers_synthetic_images_alone_or_added():
+    at = AppTest.from_string(SIDEBAR, default_timeout=60)
+    at.run()
+    at.sidebar.select_slider(key="synthetic").set_value(64).run()
+    data = at.session_state["settings"].data
+    assert (data.source, data.synthetic) == ("bundled", 64)
+    at.sidebar.radio(key="data_src").set_value("Synthesised from the model (no photo)").run()
+    assert not at.exception
+    data = at.session_state["settings"].data
+    assert (data.source, data.synthetic_count) == ("synthetic", data.calib_views)
+
+
 def test_sidebar_reports_bad_input_in_words():
     at = AppTest.from_string(SIDEBAR, default_timeout=60)
     at.run()

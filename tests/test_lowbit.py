@@ -94,9 +94,7 @@ def test_reconstruction_views_are_fresh_crops_of_the_calibration_photos(bench):
     assert not torch.equal(views[:8], bench.calib)  # not the calibration views again
 
 
-def test_reconstruct_method_returns_a_new_result_and_leaves_the_initialised_one(
-    bench, tmp_path
-):
+def test_reconstruct_method_returns_a_new_result_and_leaves_the_initialised_one(bench, tmp_path):
     init = init_method(bench, make_config("lsq+", 4, 4))
     before = {k: v.clone() for k, v in init.model.state_dict().items()}
     rec = reconstruct_method(bench, init, QUICK)
@@ -125,3 +123,24 @@ def test_cli_runs_the_low_bit_recipe(tmp_path):
     assert "after reconstruction (2 iterations per unit): agreement" in out.stdout
     run = next(tmp_path.iterdir())
     assert (run / "units.csv").exists()
+
+
+def test_synthetic_source_calibrates_without_a_photo_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LSQ_CACHE_DIR", str(tmp_path))
+    data = DataConfig(resolution=32, calib_views=4, eval_views=4, batch_size=4, source="synthetic")
+    stages = []
+    bench = prepare(data=data, progress=lambda stage, done, total: stages.append(stage))
+    assert "synthesising images" in stages
+    assert bench.train_images == () and bench.synthetic.shape == (4, 3, 32, 32)
+    assert torch.equal(bench.calib, bench.synthetic)  # calibration sees the synthetic images
+    calls = []
+    import lsq.synthetic
+
+    real = lsq.synthetic.synthesize
+    monkeypatch.setattr(
+        lsq.synthetic, "synthesize", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    again = prepare(data=data)
+    assert not calls  # the second prepare read the cache
+    assert torch.equal(again.synthetic, bench.synthetic)
+    assert len(list(tmp_path.iterdir())) == 1

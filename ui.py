@@ -336,6 +336,13 @@ def latest_job(kind: str, comp: Comparison, **params) -> Job | None:
 def show_metrics(frame) -> None:
     """A table of model-level metrics with readable column names and fixed decimals."""
     columns = ["method", "config", "stage", "agreement", "confident_agreement", "kl"]
+    if "confident_views" in frame and "views" in frame and len(frame):
+        row = frame.iloc[0]
+        st.caption(
+            f"Agreement on all {row['views']:.0f} held-out views, and on the "
+            f"{row['confident_views']:.0f} where the float model's top class has probability "
+            "0.5 or more (on unsure views a tiny change flips the top-1)."
+        )
     st.dataframe(
         frame[[c for c in [*columns, "logit_sqnr_db"] if c in frame]],
         hide_index=True,

@@ -53,6 +53,7 @@ def model_metrics(
         "kl": float(distillation_loss(out, t)),
         "logit_sqnr_db": sqnr_db(t, out),
         "views": float(len(views)),
+        "confident_views": float(confident.sum()),
     }
     if labels is not None:
         metrics["top1"] = float((out.argmax(-1) == labels.cpu()).float().mean())

@@ -209,6 +209,27 @@ class Comparison:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+#: Below this top-1 agreement a result counts as collapsed (the model no longer works).
+COLLAPSED = 0.2
+
+
+def collapse_note(comp: Comparison) -> str | None:
+    """One line saying why, when every method's agreement right after init has collapsed."""
+    metrics = {m: r.metrics_init["agreement"] for m, r in comp.initial.items()}
+    if not metrics or max(metrics.values()) >= COLLAPSED:
+        return None
+    s = comp.settings
+    best = max(metrics, key=metrics.get)
+    what = f"{s.w_bits}-bit weights" if s.quantize_weights and s.w_bits <= 5 else "these bits"
+    return (
+        f"Every method collapses right after init at {what} (best: {best}, agreement "
+        f"{metrics[best]:.2f}): post-training quantization alone breaks this model. The "
+        "sensitivity view on the Layers page shows which layers cause it; switching "
+        "'Quantize weights' off shows the activations alone; the low-bit recipe on the Train "
+        "page (block-wise reconstruction, then QAT) repairs it."
+    )
+
+
 def calibrate_job(job: Job, settings: Settings, save: bool = True) -> Comparison:
     """Calibrate once, initialise every chosen method, evaluate; save each as a run."""
     bench = get_workbench(settings, job)

@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from lsq import plots
-from lsq.explorer import calibrate_job, health_frame, layer_view
+from lsq.explorer import calibrate_job, collapse_note, health_frame, layer_view
 from lsq.jobs import Job
 from lsq.runs import list_runs
 from lsq.status import Status
@@ -44,6 +44,10 @@ if comp.bench.skipped:
 
 st.subheader("Right after init, against the float model")
 show_metrics(comp.metrics_frame("initialised"))
+note = collapse_note(comp)
+if note:
+    st.warning(note)
+    st.page_link("pages/train.py", label="Repair it: block-wise reconstruction, then QAT")
 
 st.subheader("Every layer's input range, right after init")
 log_scale = st.toggle("Symmetric log scale", value=True, help="ranges span -70…70 and 0…6")

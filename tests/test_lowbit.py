@@ -144,3 +144,22 @@ def test_synthetic_source_calibrates_without_a_photo_and_is_cached(tmp_path, mon
     assert not calls  # the second prepare read the cache
     assert torch.equal(again.synthetic, bench.synthetic)
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_calibrate_page_says_why_when_every_method_collapses():
+    from types import SimpleNamespace
+
+    from lsq.explorer import Comparison, Settings, collapse_note
+
+    def comp(w_bits, *agreements):
+        initial = {
+            m: SimpleNamespace(metrics_init={"agreement": a})
+            for m, a in zip(["lsq+", "lsq"], agreements, strict=True)
+        }
+        return Comparison(Settings(w_bits=w_bits, a_bits=4), None, initial)
+
+    note = collapse_note(comp(4, 0.03, 0.0))
+    assert "4-bit weights" in note and "lsq+, agreement 0.03" in note
+    assert "block-wise reconstruction" in note and "sensitivity" in note
+    assert collapse_note(comp(4, 0.9, 0.0)) is None  # one method works: nothing collapsed
+    assert collapse_note(comp(8, 0.5, 0.4)) is None

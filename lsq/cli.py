@@ -1,4 +1,4 @@
-"""Headless entry point: ``python -m lsq run|compare|runs``.
+"""Headless entry point: ``python -m lsq run|compare|runs|health|export``.
 
 Every app run can be reproduced here. Errors in the input are printed as one line and exit with
 status 2; nothing but a bug prints a traceback.
@@ -24,6 +24,7 @@ from lsq.config import (
     resolve_weight_init,
 )
 from lsq.errors import LSQError
+from lsq.export import FORMATS, OFFSET_ROUTES
 from lsq.pipeline import DataConfig
 from lsq.reconstruct import ReconstructConfig
 from lsq.status import Status
@@ -42,6 +43,7 @@ EPILOG = """examples:
   python -m lsq run --w-bits 4 --a-bits 4 --reconstruct 80 --steps 20   # the low-bit recipe
   python -m lsq runs                                 # list saved runs
   python -m lsq health RUN                           # health checks of a saved run
+  python -m lsq export RUN --format onnx             # QDQ ONNX for ONNX Runtime, with parity
 """
 
 
@@ -437,6 +439,45 @@ def cmd_health(args) -> int:
     return 0
 
 
+def _run_arg(text: str) -> str | Path:
+    """A run given on the command line: a folder name in the runs folder, or a path to one."""
+    return Path(text) if "/" in text or "\\" in text or text in (".", "..") else text
+
+
+def cmd_export(args) -> int:
+    from lsq.export import export_run
+
+    report = export_run(
+        _run_arg(args.run), fmt=args.format, out=args.out, offset=args.offset, root=args.runs_dir
+    )
+    print(f"wrote {report.path}  ({report.format}, offset {report.offset}, {report.seconds:.1f} s)")
+    frame = report.frame()
+    quantized = frame[frame["route"] != ""]
+    routes = quantized["route"].value_counts().to_dict()
+    print(
+        f"{len(frame)} layers, {len(quantized)} with quantized inputs; offset routes: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(routes.items())) or "none")
+        + f"; largest snap {report.max_snap_error_steps:.3f} steps"
+    )
+    p = report.parity
+    if p:
+        print(
+            f"parity, ONNX Runtime vs fake-quant ({int(p['views'])} evaluation views): "
+            f"agreement {p['agreement']:.3f}, KL {p['kl']:.2e}, "
+            f"logit SQNR {p['logit_sqnr_db']:.1f} dB, max |diff| {p['max_abs_diff']:.3g}"
+        )
+    cols = ["layer", "kind", "w_bits", "a_bits", "container", "route", "scale"]
+    cols += ["zero_point", "offset", "snap_error_steps", "bn_folded"]
+    if args.layers:
+        print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        return 0
+    snapped = frame[frame["snap_error_steps"] > 0].nlargest(5, "snap_error_steps")
+    if len(snapped):
+        print("\nlayers whose snapped zero point moves the grid most (--layers: every layer):")
+        print(snapped[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lsq",
@@ -489,6 +530,27 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="health checks of a saved run, one line per finding")
     h.add_argument("run", help="the run's folder name (see `runs`)")
     h.set_defaults(func=cmd_health)
+    e = sub.add_parser(
+        "export",
+        help="export a saved run: ONNX with QuantizeLinear/DequantizeLinear pairs (parity against "
+        "the fake-quant model printed), or integer safetensors",
+    )
+    e.add_argument("run", help="the run's folder name (see `runs`) or a path to its folder")
+    e.add_argument("--format", choices=list(FORMATS), default="onnx", help="default onnx")
+    e.add_argument(
+        "--out",
+        default=None,
+        help="file to write (default: model.onnx / model-int.safetensors in the run folder)",
+    )
+    e.add_argument(
+        "--offset",
+        choices=list(OFFSET_ROUTES),
+        default="auto",
+        help="LSQ+'s continuous offset: fold it into the next bias, snap it to an integer zero "
+        "point, or auto (fold where exact, i.e. no padding; snap elsewhere). Default auto",
+    )
+    e.add_argument("--layers", action="store_true", help="print every layer's export row")
+    e.set_defaults(func=cmd_export)
     return p
 
 

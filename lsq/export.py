@@ -710,6 +710,18 @@ def _run_resolution(run, model: nn.Module) -> int:
     return int(timm.data.resolve_model_data_config(model)["input_size"][-1])
 
 
+#: File names of a run's exports, by format.
+EXPORT_NAMES = {"onnx": "model.onnx", "safetensors": "model-int.safetensors"}
+
+
+def export_file(run_path: str | os.PathLike, fmt: str) -> Path:
+    """Where the app writes a run's export: ``<run>/export/model.onnx`` (or
+    ``model-int.safetensors``); the folder is the caller's to create."""
+    if fmt not in FORMATS:
+        raise LSQError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    return Path(run_path) / "export" / EXPORT_NAMES[fmt]
+
+
 def export_run(
     run_path: str | os.PathLike,
     fmt: str = "onnx",
@@ -730,7 +742,7 @@ def export_run(
     model, run = model_from_run(run_path, root)
     suffix = ".onnx" if fmt == "onnx" else ".safetensors"
     if out is None:
-        out = run.info.path / ("model.onnx" if fmt == "onnx" else "model-int.safetensors")
+        out = run.info.path / EXPORT_NAMES[fmt]
     res = _run_resolution(run, model)
     example = torch.zeros(1, 3, res, res)
     _check_out(out, suffix, within)
@@ -749,6 +761,7 @@ def export_run(
 
 
 __all__ = [
+    "EXPORT_NAMES",
     "FORMATS",
     "OFFSET_ROUTES",
     "OPSET",
@@ -756,6 +769,7 @@ __all__ = [
     "ExportReport",
     "LayerExport",
     "deploy_model",
+    "export_file",
     "export_onnx",
     "export_run",
     "export_safetensors",

@@ -1,10 +1,12 @@
-"""Runs: saved runs listed; open one, compare two, download the per-layer CSV and checkpoint."""
+"""Runs: saved runs listed; open one, compare two, download the per-layer CSV and checkpoint,
+export a run as ONNX (QDQ) or integer safetensors and download it."""
 
 import pandas as pd
 import streamlit as st
 
 from lsq.errors import LSQError
-from lsq.runs import list_runs, load_run
+from lsq.export import export_file, export_run
+from lsq.runs import list_runs, load_run, runs_root
 from lsq.status import Status
 
 st.title("Saved runs")
@@ -84,3 +86,36 @@ for run in opened:
             key=f"ckpt-{run.info.name}",
             on_click="ignore",
         )
+    st.markdown("**Export** (what an integer runtime computes; LSQ+'s offset folded where exact)")
+    cols = st.columns(2)
+    for col, fmt, label in (
+        (cols[0], "onnx", "Export ONNX"),
+        (cols[1], "safetensors", "Export integer safetensors"),
+    ):
+        out = export_file(run.info.path, fmt)
+        done_key = f"export-{fmt}-{run.info.name}"
+        if col.button(label, key=f"do-{done_key}"):
+            try:
+                out.parent.mkdir(exist_ok=True)
+                with st.spinner(f"Exporting {run.info.name} as {fmt}..."):
+                    report = export_run(run.info.path, fmt, out=out, within=runs_root())
+                st.session_state[done_key] = report.parity
+            except LSQError as e:
+                col.error(str(e))
+            except OSError as e:  # the export folder could not be created
+                col.error(f"cannot create the export folder {out.parent}: {e.strerror or e}")
+        parity = st.session_state.get(done_key)
+        if parity:
+            col.caption(
+                f"ONNX Runtime vs fake-quant on {int(parity['views'])} evaluation views: "
+                f"agreement {parity['agreement']:.3f}, KL {parity['kl']:.2e}, "
+                f"logit SQNR {parity['logit_sqnr_db']:.1f} dB"
+            )
+        if out.is_file():
+            col.download_button(
+                f"Download {out.name}",
+                out.read_bytes,  # read only when the user asks for it
+                file_name=f"{run.info.name}-{out.name}",
+                key=f"get-{done_key}",
+                on_click="ignore",
+            )

@@ -1,0 +1,100 @@
+"""Export wired in: ``python -m lsq export`` and the Runs page's export buttons, on a saved run of
+the bundled model at 64 px (made by ``python -m lsq run``)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from lsq.cli import main
+from lsq.runs import Run, list_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """A runs folder (also $LSQ_RUNS_DIR, for the app) holding one complete LSQ+ W4A4 run."""
+    path = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LSQ_RUNS_DIR", str(path))
+    argv = ["--runs-dir", str(path), "run", "--resolution", "64", "--calib", "8"]
+    argv += ["--eval-views", "8", "--steps", "0", "--eager"]
+    assert main(argv) == 0
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def run_path(runs_dir):
+    (info,) = list_runs(runs_dir)
+    return info.path
+
+
+def test_cli_exports_onnx_and_prints_the_parity(runs_dir, run_path, capsys):
+    assert main(["--runs-dir", str(runs_dir), "export", run_path.name]) == 0
+    out = capsys.readouterr().out
+    assert (run_path / "model.onnx").is_file()
+    assert f"wrote {run_path / 'model.onnx'}" in out
+    parity = [line for line in out.splitlines() if line.startswith("parity, ONNX Runtime")]
+    assert len(parity) == 1, out
+    for figure in ("agreement", "KL", "logit SQNR", "max |diff|"):
+        assert figure in parity[0]
+    assert "offset routes: fold" in out and "snap" in out  # the per-layer summary
+
+
+def test_cli_exports_safetensors_by_path_with_a_chosen_offset(runs_dir, run_path, capsys, tmp_path):
+    out_file = tmp_path / "int.safetensors"
+    argv = ["export", str(run_path), "--format", "safetensors", "--out", str(out_file)]
+    assert main([*argv, "--offset", "snap"]) == 0
+    out = capsys.readouterr().out
+    assert out_file.is_file() and f"wrote {out_file}" in out
+    assert "offset routes: snap 50" in out  # every LSQ+ input snapped, none folded
+    assert "parity" not in out  # measured for ONNX only
+
+
+def test_cli_bad_run_exits_2_with_one_line(runs_dir, run_path, capsys, tmp_path):
+    assert main(["--runs-dir", str(runs_dir), "export", "no-such-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no run 'no-such-run'") and "\n" not in err
+    holiday = tmp_path / "holiday-photos"
+    holiday.mkdir()
+    (holiday / "a.txt").write_text("hello")
+    assert main(["--runs-dir", str(runs_dir), "export", str(holiday)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a readable run" in err and "\n" not in err
+    assert main(["export", str(run_path), "--out", str(tmp_path / "nowhere" / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and "\n" not in err
+    with pytest.raises(SystemExit) as exit_:  # argparse: a choice not offered
+        main(["export", str(run_path), "--format", "tflite"])
+    assert exit_.value.code == 2
+
+
+def test_runs_page_exports_and_offers_the_download(runs_dir, run_path):
+    failed = runs_dir / "00000000-000000-failed-run"  # sorts after the good run (newest first)
+    shutil.copytree(run_path, failed, ignore=shutil.ignore_patterns("model.onnx", "export"))
+    Run(failed, "").finish("failed", "out of memory")
+    at = AppTest.from_file(str(ROOT / "pages" / "runs.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    name = run_path.name
+    at.button(key=f"do-export-onnx-{name}").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert (run_path / "export" / "model.onnx").is_file()
+    assert any("agreement" in c.value for c in at.caption)
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Download model.onnx" in labels
+    at.button(key=f"do-export-safetensors-{name}").click().run()
+    assert not at.exception, at.exception
+    assert (run_path / "export" / "model-int.safetensors").is_file()
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert {"Download model.onnx", "Download model-int.safetensors"} <= set(labels)
+    # A run that failed: refused in words on the page, nothing written, no traceback.
+    at.multiselect[0].set_value([failed.name]).run()
+    at.button(key=f"do-export-onnx-{failed.name}").click().run()
+    assert not at.exception, at.exception
+    assert any("only a complete run" in e.value for e in at.error)
+    assert not (failed / "export" / "model.onnx").exists()

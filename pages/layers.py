@@ -4,6 +4,7 @@ import streamlit as st
 
 from lsq import plots
 from lsq.explorer import layer_view, layers_job, sensitivity_job
+from lsq.export import offset_table
 from lsq.jobs import Job
 from lsq.status import Status
 from ui import comparison_or_stop, job_manager, latest_job, show_job, submit
@@ -101,3 +102,20 @@ if sens is not None and sens.status == Status.DONE:
     st.caption(sens.title)
     st.plotly_chart(plots.sensitivity_figure(sens.result), key="sens")
     st.dataframe(sens.result, hide_index=True)
+
+with st.expander(f"Offsets at export: {method}, each offset's distance to an integer zero point"):
+    offsets = offset_table(results[method].copy_model())  # a private copy: snapshots stay as is
+    if offsets.empty:
+        st.caption(f"{method} learns no continuous offset: its zero point is already an integer.")
+    else:
+        st.caption(
+            "An integer runtime needs an integer zero point. Where a layer sees no padding "
+            "(1x1 convs, the linear) the export folds the offset into the bias, exactly; "
+            "elsewhere it snaps it to the nearest multiple of the scale, which moves the grid by "
+            "`snap_error_steps` steps (at most 0.5)."
+        )
+        st.dataframe(
+            offsets.sort_values("snap_error_steps", ascending=False),
+            hide_index=True,
+            key="offsets",
+        )

@@ -98,3 +98,39 @@ def test_runs_page_exports_and_offers_the_download(runs_dir, run_path):
     assert not at.exception, at.exception
     assert any("only a complete run" in e.value for e in at.error)
     assert not (failed / "export" / "model.onnx").exists()
+
+
+def test_layers_page_shows_each_offsets_distance_to_its_snapped_zero_point():
+    import ui
+    from lsq.explorer import Settings, calibrate_job
+    from lsq.jobs import Job, JobManager
+    from lsq.pipeline import DataConfig
+
+    small = Settings(
+        data=DataConfig(resolution=64, calib_views=8, eval_views=8, batch_size=8),
+        methods=("lsq+", "lsq"),
+    )
+    own = JobManager()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ui, "job_manager", lambda: own)
+    try:
+        calib = own.submit(
+            Job("calibrate", "Calibration", {"settings": small}),
+            lambda j: calibrate_job(j, small, save=False),
+        )
+        own.wait(calib, timeout=300)
+        assert calib.status == "done", calib.message
+        at = AppTest.from_file(str(ROOT / "pages" / "layers.py"), default_timeout=120)
+        at.session_state["settings"] = small
+        at.run()
+        own.wait(own.latest("layers"), timeout=300)
+        at.run()
+        assert not at.exception, at.exception
+        (table,) = [d.value for d in at.dataframe if "snap_error_steps" in d.value]
+        assert len(table) == 50 and table["snap_error_steps"].between(0, 0.5).all()
+        assert table["foldable"].any() and not table["foldable"].all()
+        at.selectbox(key="sens_method").set_value("lsq").run()
+        assert not at.exception, at.exception
+        assert any("no continuous offset" in c.value for c in at.caption)
+    finally:
+        mp.undo()

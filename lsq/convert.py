@@ -195,18 +195,18 @@ def _bn_replacement(bn: nn.Module) -> nn.Module | None:
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, example_input: Tensor | None = None) -> list[tuple[str, str]]:
-    """Fold each BatchNorm2d that directly consumes a conv's output into that conv.
+def conv_bn_pairs(
+    model: nn.Module, example_input: Tensor, producer: type[nn.Module] = nn.Conv2d
+) -> list[tuple[str, str]]:
+    """(producer, BatchNorm2d) name pairs where the BN takes the producer's output unchanged.
 
-    Pairs are found by running ``example_input`` and matching tensors, so it works for any
-    architecture whose BN takes a conv's output unchanged. Returns the (conv, bn) name pairs.
+    Found by running ``example_input`` and matching tensors, so it works for any architecture.
     """
-    model.eval()
     produced: dict[int, tuple[str, Tensor]] = {}  # holds the tensors, so no id is reused
     pairs: list[tuple[str, str]] = []
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, producer):
             hooks.append((m, lambda mod, i, o, n=name: produced.__setitem__(id(o), (n, o)), False))
         elif isinstance(m, nn.BatchNorm2d) and _bn_replacement(m) is not None:
 
@@ -216,11 +216,24 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | None = None) -> lis
                     pairs.append((hit[0], n))
 
             hooks.append((m, pre, True))
+    with switched(hooks=hooks):
+        model(example_input)
+    return pairs
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example_input: Tensor | None = None) -> list[tuple[str, str]]:
+    """Fold each BatchNorm2d that directly consumes a conv's output into that conv.
+
+    Pairs are found by running ``example_input`` and matching tensors (``conv_bn_pairs``), so it
+    works for any architecture whose BN takes a conv's output unchanged. Returns the (conv, bn)
+    name pairs.
+    """
+    model.eval()
     if example_input is None:
         p = next(model.parameters())
         example_input = torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype)
-    with switched(hooks=hooks):
-        model(example_input)
+    pairs = conv_bn_pairs(model, example_input)
     seen_convs = {}
     for conv_name, _ in pairs:
         seen_convs[conv_name] = seen_convs.get(conv_name, 0) + 1

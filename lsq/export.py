@@ -77,7 +77,13 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 from torch import Tensor, nn
 
-from lsq.convert import QuantLayer, _bn_replacement, _set_submodule, quant_layers, switched
+from lsq.convert import (
+    QuantLayer,
+    _bn_replacement,
+    _set_submodule,
+    conv_bn_pairs,
+    quant_layers,
+)
 from lsq.errors import LSQError
 
 #: ONNX opset of the exported graph: per-channel DequantizeLinear needs 13; ORT runs 17 on CPU.
@@ -354,22 +360,7 @@ def _default_input(model: nn.Module) -> Tensor:
 @torch.no_grad()
 def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
     """{quantized layer: BatchNorm2d} where the BN takes that layer's output and nothing else."""
-    produced: dict[int, tuple[str, Tensor]] = {}
-    pairs: list[tuple[str, str]] = []
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLayer):
-            hooks.append((m, lambda mod, i, o, n=name: produced.__setitem__(id(o), (n, o)), False))
-        elif isinstance(m, nn.BatchNorm2d) and _bn_replacement(m) is not None:
-
-            def pre(mod, inputs, n=name):
-                hit = produced.get(id(inputs[0]))
-                if hit is not None and hit[1] is inputs[0]:
-                    pairs.append((hit[0], n))
-
-            hooks.append((m, pre, True))
-    with switched(hooks=hooks):
-        model(example_input)
+    pairs = conv_bn_pairs(model, example_input, QuantLayer)
     layers = [layer for layer, _ in pairs]
     bns = [bn for _, bn in pairs]
     return {

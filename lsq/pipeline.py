@@ -325,6 +325,20 @@ def init_method(bench: Workbench, config: QuantConfig, progress: Progress = _noo
     return MethodResult(config, model, tuple(report), metrics, seconds={"init": t_init})
 
 
+def _follow(events, on_event, keep_steps: bool) -> tuple[list, Status, str]:
+    """Run an event stream to its end: the events kept (all, or all but steps), and how it
+    ended (complete, stopped or failed, with the message)."""
+    kept, status, message = [], Status.COMPLETE, ""
+    for event in events:
+        if keep_steps or event.kind != Status.STEP:
+            kept.append(event)
+        if on_event is not None:
+            on_event(event)
+        if event.kind in (Status.ERROR, Status.STOPPED):
+            status, message = ENDINGS[Status(event.kind)], event.message
+    return kept, status, message
+
+
 def train_method(
     bench: Workbench,
     result: MethodResult,
@@ -343,9 +357,7 @@ def train_method(
         bench.teacher_calib = logits(bench.model, bench.calib, batch=bench.data.batch_size).cpu()
     on_train = bench.teacher_calib if isinstance(source, Tensor) else None
     model = result.copy_model()
-    history: list[TrainEvent] = []
-    status, message = Status.COMPLETE, ""
-    for event in train(
+    events = train(
         model,
         bench.model,
         source,
@@ -353,12 +365,8 @@ def train_method(
         train_cfg,
         should_stop=should_stop,
         teacher_logits=(on_train, bench.teacher_eval),
-    ):
-        history.append(event)
-        if on_event is not None:
-            on_event(event)
-        if event.kind in (Status.ERROR, Status.STOPPED):
-            status, message = ENDINGS[Status(event.kind)], event.message
+    )
+    history, status, message = _follow(events, on_event, keep_steps=True)
     steps = max((e.step for e in history if e.kind == Status.STEP), default=0)
     return dataclasses.replace(
         result,
@@ -398,15 +406,8 @@ def reconstruct_method(
     t0 = time.perf_counter()
     views = reconstruction_views(bench, cfg.seed)
     model = result.copy_model()
-    kept: list[ReconstructEvent] = []
-    status, message = Status.COMPLETE, ""
-    for event in reconstruct(model, bench.model, views, cfg, should_stop=should_stop):
-        if event.kind != Status.STEP:
-            kept.append(event)
-        if on_event is not None:
-            on_event(event)
-        if event.kind in (Status.ERROR, Status.STOPPED):
-            status, message = ENDINGS[Status(event.kind)], event.message
+    events = reconstruct(model, bench.model, views, cfg, should_stop=should_stop)
+    kept, status, message = _follow(events, on_event, keep_steps=False)
     return dataclasses.replace(
         result,
         model=model,

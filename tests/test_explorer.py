@@ -205,4 +205,5 @@ def test_after_calibrating_other_settings_no_page_shows_the_old_results(calibrat
     layers.run()
     assert not layers.exception, layers.exception
     assert "layers_stage" not in layers.session_state  # the new calibration has no trained stage
-    assert len(layers.get("plotly_chart")) == 2  # per-layer error and histogram: no old sensitivity
+    # per-layer error, clipping vs rounding and histogram panels: no old sensitivity chart
+    assert len(layers.get("plotly_chart")) == 3

@@ -260,15 +260,16 @@ RECIPES = {
     "reconstruct+qat": "Block-wise reconstruction, then QAT",
     "reconstruct": "Block-wise reconstruction only",
 }
-#: Weight bits at and below which the default recipe reconstructs first: plain QAT on a few
-#: photos leaves 4-bit weights broken (agreement 0 on the bundled model).
+#: Weight bits at and below which the default recipe is block-wise reconstruction: plain QAT on
+#: a few photos leaves 4-bit weights broken (agreement 0 on the bundled model), and QAT after
+#: reconstruction made it worse in every variant measured (bench/lowbit.py --optimizers).
 RECONSTRUCT_AT_OR_BELOW = 5
 
 
 def default_recipe(settings: Settings) -> str:
-    """Reconstruction, then QAT, where weights are low-bit; QAT alone otherwise."""
+    """Block-wise reconstruction where weights are low-bit; QAT otherwise."""
     low = settings.quantize_weights and settings.w_bits <= RECONSTRUCT_AT_OR_BELOW
-    return "reconstruct+qat" if low else "qat"
+    return "reconstruct" if low else "qat"
 
 
 def train_job(

@@ -163,3 +163,11 @@ def test_calibrate_page_says_why_when_every_method_collapses():
     assert "block-wise reconstruction" in note and "sensitivity" in note
     assert collapse_note(comp(4, 0.9, 0.0)) is None  # one method works: nothing collapsed
     assert collapse_note(comp(8, 0.5, 0.4)) is None
+
+
+def test_default_recipe_reconstructs_low_bit_weights_only():
+    from lsq.explorer import Settings, default_recipe
+
+    assert default_recipe(Settings(w_bits=4, a_bits=4)) == "reconstruct"
+    assert default_recipe(Settings(w_bits=8, a_bits=4)) == "qat"
+    assert default_recipe(Settings(w_bits=4, a_bits=4, quantize_weights=False)) == "qat"

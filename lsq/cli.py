@@ -326,12 +326,12 @@ def cmd_run(args) -> int:
     steps = whole_number(TRAIN.steps if args.steps is None else args.steps, "--steps", 0)
     config = run_config(args)
     train_cfg = _train_cfg(args, steps) if steps > 0 else None
+    recon_cfg = _recon_cfg(args)  # validated before the model loads
     bench, progress, bar = _prepare(args)
     result = init_method(bench, config, progress)
     bar.close()
     print(f"{config.label} after init: {_fmt_metrics(result.metrics_init)}")
     run = start_run(bench, result, train_cfg, root=args.runs_dir)
-    recon_cfg = _recon_cfg(args)
     if recon_cfg is not None:
         result = _reconstruct(bench, result, recon_cfg)
         if result.status != Status.COMPLETE:
@@ -387,9 +387,9 @@ def cmd_compare(args) -> int:
     for b in args.bits:
         make_config("lsq+", b, b)  # validates
     steps = whole_number(0 if args.steps is None else args.steps, "--steps", 0)
-    bench, progress, bar = _prepare(args)
     train_cfg = _train_cfg(args, steps) if steps else None
     recon_cfg = _recon_cfg(args)
+    bench, progress, bar = _prepare(args)
     table = compare(
         bench, args.methods, args.bits, train_cfg, progress, args.weight_init, recon_cfg
     )

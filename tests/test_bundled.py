@@ -70,6 +70,9 @@ def test_cli_run_and_compare_smoke(tmp_path, capsys):
             "Unknown timm architecture 'resnt18'. Did you mean: resnet18,",
         ),
         (["compare", "--methods", "lsq+,nope"], "unknown method"),
+        (["run", "--model", "bundled-lite3"], "choose bundled or bundled-lite0, bundled-lite1"),
+        (["run", "--reconstruct", "-5"], "iters must be"),
+        (["run", "--synthetic-only", "--images", "/tmp"], "--synthetic-only uses no photo"),
     ],
 )
 def test_cli_bad_input_exits_2_with_a_message(argv, words, capsys, tmp_path):

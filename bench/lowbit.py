@@ -15,7 +15,7 @@ Tables (each optional but the first):
    model's BatchNorm statistics alone, and on both (W8A8 init only, and the recipe).
 4. ``--optimizers``: QAT after reconstruction with Adam at absolute rates (the QAT defaults),
    Adam with updates relative to each quantizer's scale, and SGD with LSQ's gradient scaling.
-5. ``--views``: QAT and reconstruction on fresh crops every step against the fixed views.
+5. ``--compare-views``: QAT on fresh crops every step against the fixed calibration views.
 """
 
 from __future__ import annotations

@@ -203,9 +203,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "the bundled photos)",
     )
     lb.add_argument(
-        "--fixed-views",
+        "--fresh-views",
         action="store_true",
-        help="QAT and reconstruction reuse the calibration views instead of new crops each step",
+        help="QAT draws new crops of the photos every step instead of cycling over the "
+        "calibration views (reconstruction always learns from fresh crops)",
     )
 
 
@@ -240,7 +241,7 @@ def _prepare(args):
         batch_size=args.batch_size,
         seed=args.seed,
         synthetic=args.synthetic,
-        fresh_views=not args.fixed_views,
+        fresh_views=args.fresh_views,
         recon_views=args.recon_views,
     )
     bar = tqdm(total=1, file=sys.stderr, leave=False)

@@ -82,19 +82,23 @@ def test_default_calibration_renders_charts_in_chromium(server):
         page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
         page.get_by_role("button", name="Run the default").click()
         start = time.time()
-        # The Calibrate page draws its charts once the background job has finished.
-        page.wait_for_selector("[data-testid='stPlotlyChart']", timeout=240_000)
+        # The Calibrate page draws its charts once the background job has finished (the home
+        # page has a chart of its own, so wait for the Calibrate page's heading of the results).
+        page.get_by_text("Every layer's input range, right after init").wait_for(timeout=300_000)
         page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
         seconds = time.time() - start
         # Plotly draws asynchronously: wait until every chart has its SVG with traces in it.
-        page.wait_for_function(
-            """() => {
-                const charts = document.querySelectorAll("[data-testid='stPlotlyChart']");
-                return charts.length >= 2 && [...charts].every(
-                    (c) => c.querySelector('.js-plotly-plot .main-svg .trace'));
-            }""",
-            timeout=60_000,
-        )
+        try:
+            page.wait_for_function(
+                """() => {
+                    const charts = document.querySelectorAll("[data-testid='stPlotlyChart']");
+                    return charts.length >= 2 && [...charts].every(
+                        (c) => c.querySelector('.js-plotly-plot .main-svg .trace'));
+                }""",
+                timeout=60_000,
+            )
+        finally:  # what the page showed, also when the charts never came
+            page.screenshot(path=str(OUT / "calibrate.png"), full_page=True)
         assert page.locator("[data-testid='stException']").count() == 0
         assert page.locator("[data-testid='stPlotlyChart']").count() >= 2
         assert page.locator(".js-plotly-plot .trace").count() > 0

@@ -118,7 +118,12 @@ def spread_table(bench_for_seed, bits, seeds, recon, train) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def data_table(make_bench, data: DataConfig, synthetic: int, recon, train) -> pd.DataFrame:
+DATA_SOURCES = ("photos", "synthetic only", "photos + synthetic")
+
+
+def data_table(
+    make_bench, data: DataConfig, synthetic: int, recon, train, names=DATA_SOURCES
+) -> pd.DataFrame:
     rows = []
     sources = {
         "photos": data,
@@ -126,6 +131,8 @@ def data_table(make_bench, data: DataConfig, synthetic: int, recon, train) -> pd
         "photos + synthetic": dataclasses.replace(data, synthetic=synthetic),
     }
     for name, d in sources.items():
+        if name not in names:
+            continue
         t0 = time.perf_counter()
         bench = make_bench(d)
         prep = time.perf_counter() - t0
@@ -225,6 +232,11 @@ def main() -> None:
     p.add_argument("--spread-bits", type=parse_bits, default=parse_bits("4/4"))
     p.add_argument("--data", action="store_true")
     p.add_argument("--synthetic", type=int, default=128)
+    p.add_argument(
+        "--data-sources",
+        default=",".join(DATA_SOURCES),
+        help=f"which of {', '.join(DATA_SOURCES)} (comma-separated)",
+    )
     p.add_argument("--optimizers", action="store_true")
     p.add_argument("--compare-views", action="store_true")
     p.add_argument("--skip-main", action="store_true", help="only the optional tables")
@@ -280,7 +292,8 @@ def main() -> None:
         out += ["", f"#### Spread across {args.seeds} seeds after the recipe", "", markdown(table)]
     if args.data:
         log("data sources")
-        table = data_table(make_bench, data, args.synthetic, recon, train)
+        names = [n.strip() for n in args.data_sources.split(",")]
+        table = data_table(make_bench, data, args.synthetic, recon, train, names)
         out += [
             "",
             f"#### Photos vs {args.synthetic} images synthesised from BatchNorm statistics",

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from toynets import ChainNet
 
 from lsq import LSQError, make_config, quantize_model
 from lsq.calibrate import calibrate
@@ -113,41 +114,10 @@ def views():
     return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.pw = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        return x + self.pw(torch.nn.functional.silu(self.conv(x)))
-
-
-class Chain(nn.Module):
-    """Shaped like a timm model: stem, ``blocks`` run in order, head, forward_head."""
-
-    def __init__(self, c=8):
-        super().__init__()
-        self.conv_stem = nn.Conv2d(3, c, 3, padding=1)
-        self.act = nn.SiLU()
-        self.blocks = nn.Sequential(nn.Sequential(Block(c), Block(c)), nn.Sequential(Block(c)))
-        self.conv_head = nn.Conv2d(c, 16, 1)
-        self.classifier = nn.Linear(16, 10)
-
-    def forward_features(self, x):
-        return self.conv_head(self.blocks(self.act(self.conv_stem(x))))
-
-    def forward_head(self, x):
-        return self.classifier(x.mean((2, 3)))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-
 @pytest.fixture(scope="module")
 def chain_model(views):
     torch.manual_seed(0)
-    return quantized(Chain(), views)
+    return quantized(ChainNet(act=nn.SiLU), views)
 
 
 @pytest.mark.parametrize("which", ["chain", "plain"])

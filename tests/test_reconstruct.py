@@ -6,45 +6,13 @@ import pytest
 import timm
 import torch
 from torch import nn
+from toynets import ChainNet
 
 from lsq import LSQError, make_config, quantize_model
 from lsq.calibrate import calibrate
 from lsq.convert import quant_layers
 from lsq.reconstruct import HEAD, ReconstructConfig, find_units, reconstruct, unit_frame
 from lsq.train import optimizer_step, param_groups
-
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.pw = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        return x + self.pw(torch.relu(self.conv(x)))
-
-
-class ChainNet(nn.Module):
-    """Shaped like a timm model: stem, ``blocks`` run in order, head, forward_head."""
-
-    def __init__(self, c=8):
-        super().__init__()
-        self.conv_stem = nn.Conv2d(3, c, 3, padding=1)
-        self.act = nn.ReLU()
-        self.blocks = nn.Sequential(nn.Sequential(Block(c), Block(c)), nn.Sequential(Block(c)))
-        self.conv_head = nn.Conv2d(c, 16, 1)
-        self.classifier = nn.Linear(16, 10)
-
-    def forward_features(self, x):
-        x = self.act(self.conv_stem(x))
-        x = self.blocks(x)
-        return self.conv_head(x)
-
-    def forward_head(self, x):
-        return self.classifier(x.mean((2, 3)))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 class SkipNet(nn.Module):

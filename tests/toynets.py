@@ -1,0 +1,39 @@
+"""Small networks shared by the tests: one shaped like a timm model (a chain of blocks)."""
+
+from torch import nn
+
+
+class Block(nn.Module):
+    """A residual block: conv, activation, 1x1 conv, added to the input."""
+
+    def __init__(self, c: int, act: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.pw = nn.Conv2d(c, c, 1)
+        self.act = act()
+
+    def forward(self, x):
+        return x + self.pw(self.act(self.conv(x)))
+
+
+class ChainNet(nn.Module):
+    """Shaped like a timm model: stem, ``blocks`` run in order, head, forward_head."""
+
+    def __init__(self, c: int = 8, act: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, c, 3, padding=1)
+        self.act = act()  # a child module: the stem unit runs it
+        self.blocks = nn.Sequential(
+            nn.Sequential(Block(c, act), Block(c, act)), nn.Sequential(Block(c, act))
+        )
+        self.conv_head = nn.Conv2d(c, 16, 1)
+        self.classifier = nn.Linear(16, 10)
+
+    def forward_features(self, x):
+        return self.conv_head(self.blocks(self.act(self.conv_stem(x))))
+
+    def forward_head(self, x):
+        return self.classifier(x.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))

@@ -297,6 +297,7 @@ def train_job(
     # Work per method, in iterations: reconstruction's total is known once it starts.
     work = {"recon": 0}
     published: dict[str, MethodResult] = {}
+    reconstructed: dict[str, MethodResult] = {}
     for i, method in enumerate(methods):
         if job.stop_requested():
             break
@@ -321,10 +322,10 @@ def train_job(
             start = reconstruct_method(
                 bench, start, recon_cfg, on_event=on_unit, should_stop=job.stop_requested
             )
-            published[method] = start
             if start.status != Status.COMPLETE or train_cfg is None:
                 published[method] = finish_run(run, bench, start)
                 continue
+            reconstructed[method] = start  # published too, beside the trained result
 
         def on_event(e, method=method, run=run, history=history) -> None:
             job.add_event((method, e))
@@ -338,18 +339,7 @@ def train_job(
             bench, start, train_cfg, on_event=on_event, should_stop=job.stop_requested
         )
         published[method] = finish_run(run, bench, result)
-    if recon_cfg is not None and train_cfg is not None:
-        # Publish the reconstructed stage too (the trained result carries its unit history).
-        rec = {m: r for m, r in published.items() if r.stage == Stage.TRAINED}
-        comp = comp.with_results(
-            {
-                m: dataclasses.replace(
-                    r, stage=Stage.RECONSTRUCTED, history=(), steps=0, run_path=None
-                )
-                for m, r in rec.items()
-            }
-        )
-    return comp.with_results(published)
+    return comp.with_results(reconstructed).with_results(published)
 
 
 def units_frame(job: Job) -> pd.DataFrame:

@@ -237,6 +237,11 @@ def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, man
     assert len(points(units["data"][0])) == 19
     stages = dict(zip(at.dataframe[0].value["method"], at.dataframe[0].value["stage"], strict=True))
     assert stages["lsq+"] == "reconstructed, trained 1 step"
+    # Both stages are published, each with its own model: the reconstructed one before QAT.
+    comp = job.result
+    rec, trained = comp.results("reconstructed")["lsq+"], comp.results("trained")["lsq+"]
+    assert (rec.label, trained.label) == ("reconstructed", "reconstructed, trained 1 step")
+    assert rec.model is not trained.model and rec.metrics != trained.metrics
 
 
 def test_layers_page_tables_and_sensitivity(calibrated, manager):

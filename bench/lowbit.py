@@ -37,6 +37,7 @@ from bench.tables import markdown  # noqa: E402
 from lsq.config import make_config, resolve_weight_init  # noqa: E402
 from lsq.pipeline import (  # noqa: E402
     DataConfig,
+    ModelSpec,
     init_method,
     prepare,
     reconstruct_method,
@@ -220,6 +221,9 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--model", default="tf_efficientnet_lite0", help="a bundled model's timm name (offline)"
+    )
     p.add_argument("--resolution", type=int, default=160)
     p.add_argument("--views", dest="eval_views", type=int, default=64, help="evaluation views")
     p.add_argument("--calib", type=int, default=64)
@@ -261,12 +265,12 @@ def main() -> None:
     def make_bench(d: DataConfig):
         if d not in benches:
             log(f"preparing {d}")
-            benches[d] = prepare(data=d)
+            benches[d] = prepare(ModelSpec(args.model, "bundled"), data=d)
         return benches[d]
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = [
-        f"`{command}`: bundled EfficientNet-Lite0, {args.resolution} px, "
+        f"`{command}`: bundled {args.model}, {args.resolution} px, "
         f"{args.recon_views} reconstruction views (fresh crops of the calibration photos), "
         f"{args.iters} iterations per unit, then {args.steps} QAT steps; {args.eval_views} "
         f"held-out evaluation views; torch {torch.__version__}, {args.threads} threads"

@@ -183,8 +183,6 @@ def param_groups(
     moves in units of its own quantization step (``lr_weights`` is then a fraction of a step).
     ``lr_other`` (default ``lr_weights``) is the absolute rate of biases and norms.
     """
-    from lsq.convert import quant_layers
-
     act, wq, weights, other, seen = [], [], [], [], set()
     for module in modules:
         for q in module.modules():
@@ -198,8 +196,8 @@ def param_groups(
                     (act if q.role == "activation" else wq).append((p, q.scale))
     step_of = {}
     for module in modules:
-        for layer in [module, *quant_layers(module).values()]:
-            if hasattr(layer, "weight_quant") and layer.weight_quant.enabled:
+        for layer in quant_layers(module).values():  # a QuantLayer module lists itself
+            if layer.weight_quant.enabled:
                 step_of[id(layer.layer.weight)] = layer.weight_quant.scale
     for module in modules:
         for p in module.parameters():
@@ -237,16 +235,8 @@ def make_optimizer(
     kind: str = "adam",
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    relative: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """Adam or SGD over ``groups`` (from ``param_groups``); step it with ``optimizer_step``.
-
-    ``relative`` (when given) overrides the groups' own setting.
-    """
-    if relative is not None:
-        for g in groups:
-            if g["name"] in ("weight_quant", "act_quant"):
-                g["relative"] = relative
+    """Adam or SGD over ``groups`` (from ``param_groups``); step it with ``optimizer_step``."""
     if kind == "adam":
         return torch.optim.Adam(groups, weight_decay=weight_decay)
     if kind == "sgd":

@@ -25,7 +25,7 @@ from ui import comparison_or_stop, latest_job, show_job, show_metrics, submit
 DEFAULT = TrainConfig()
 RECON = ReconstructConfig()
 
-st.title("Quantization-aware training")
+st.title("Train: block-wise reconstruction and QAT")
 comp = comparison_or_stop(": training starts from the initialised ranges")
 methods_all = list(comp.initial)
 
@@ -53,6 +53,7 @@ with st.form("train"):
     )
     optimizer = c2.selectbox("Optimizer", OPTIMIZERS, index=OPTIMIZERS.index(DEFAULT.optimizer))
     batch = c2.number_input("Batch size", min_value=1, max_value=256, value=DEFAULT.batch_size)
+    c3.caption("QAT learning rates (reconstruction uses its own relative rates)")
     lr_w = c3.number_input(
         "LR weights", min_value=0.0, max_value=10.0, value=DEFAULT.lr_weights, format="%.1e"
     )

@@ -430,7 +430,7 @@ def cmd_health(args) -> int:
     from lsq.health import run_health
     from lsq.runs import load_run
 
-    run = load_run(args.run, args.runs_dir)
+    run = load_run(_run_arg(args.run), args.runs_dir)
     report = run_health(run)
     if report.empty:
         print(f"{run.info.name}: no findings")
@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("runs", help="list saved runs")
     ls.set_defaults(func=cmd_runs)
     h = sub.add_parser("health", help="health checks of a saved run, one line per finding")
-    h.add_argument("run", help="the run's folder name (see `runs`)")
+    h.add_argument("run", help="the run's folder name (see `runs`) or a path to it")
     h.set_defaults(func=cmd_health)
     e = sub.add_parser(
         "export",

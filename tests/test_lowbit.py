@@ -123,6 +123,11 @@ def test_cli_runs_the_low_bit_recipe(tmp_path):
     assert "after reconstruction (2 iterations per unit): agreement" in out.stdout
     run = next(tmp_path.iterdir())
     assert (run / "units.csv").exists()
+    health = subprocess.run(
+        [sys.executable, "-m", "lsq", "health", str(run)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert health.returncode == 0 and run.name in health.stdout, health.stderr[-2000:]
 
 
 def test_synthetic_source_calibrates_without_a_photo_and_is_cached(tmp_path, monkeypatch):

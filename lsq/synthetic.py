@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lsq.errors import LSQError
+from lsq.runs import _atomic_write
 from lsq.train import resolve_device
 
 #: progress(done, total): images finished so far.
@@ -212,11 +213,8 @@ def cached_synthesize(
     t0 = time.perf_counter()
     images = synthesize(model, data_config, cfg, device, progress, should_stop)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        {"images": images.contiguous()},
-        str(tmp),
-        metadata={"model": model_key, "seconds": f"{time.perf_counter() - t0:.1f}"},
+    meta = {"model": model_key, "seconds": f"{time.perf_counter() - t0:.1f}"}
+    _atomic_write(
+        path, lambda tmp: save_file({"images": images.contiguous()}, str(tmp), metadata=meta)
     )
-    os.replace(tmp, path)
     return images, False

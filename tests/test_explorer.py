@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import on_step
 from streamlit.testing.v1 import AppTest
 
 import ui
@@ -54,15 +55,7 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def stop_after_first_step(job: Job) -> Job:
     """``job``, asking itself to stop once training has taken a step."""
-    add = job.add_event
-
-    def add_event(event) -> None:
-        add(event)
-        if event[1].kind == "step":
-            job.request_stop()
-
-    job.add_event = add_event
-    return job
+    return on_step(job, job.request_stop)
 
 
 def test_training_a_method_twice_gives_two_independent_runs_from_the_initialised_state(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import on_step
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -327,14 +328,7 @@ def test_stop_button_ends_training_and_the_run_is_saved_as_stopped(tmp_path, mon
     tc = TrainConfig(steps=100_000, batch_size=8, compile=False, device="cpu")
     job = Job("train", "Training lsq+", {"calibration": comp.calibration, "settings": settings})
     stepped = threading.Event()
-    add = job.add_event
-
-    def add_event(event) -> None:
-        add(event)
-        if event[1].kind == "step":
-            stepped.set()
-
-    job.add_event = add_event
+    on_step(job, stepped.set)
     manager.submit(job, lambda j: train_job(j, comp, ["lsq+"], tc))
     assert stepped.wait(60), f"training never took a step ({job.status}: {job.message})"
     at = AppTest.from_file(str(ROOT / "pages" / "train.py"), default_timeout=60)

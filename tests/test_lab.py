@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from helpers import ChainNet
 from torch import nn
-from toynets import ChainNet
 
 from lsq import LSQError, make_config, quantize_model
 from lsq.calibrate import calibrate

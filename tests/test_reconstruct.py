@@ -5,8 +5,8 @@ import copy
 import pytest
 import timm
 import torch
+from helpers import ChainNet
 from torch import nn
-from toynets import ChainNet
 
 from lsq import LSQError, make_config, quantize_model
 from lsq.calibrate import calibrate

@@ -1,4 +1,4 @@
-"""Small networks shared by the tests: one shaped like a timm model (a chain of blocks)."""
+"""Shared by the tests: a small network shaped like a timm model, and a job hook."""
 
 from torch import nn
 
@@ -37,3 +37,16 @@ class ChainNet(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+def on_step(job, action):
+    """``job``, calling ``action()`` each time it records a training step event."""
+    add = job.add_event
+
+    def add_event(event) -> None:
+        add(event)
+        if event[1].kind == "step":
+            action()
+
+    job.add_event = add_event
+    return job

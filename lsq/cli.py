@@ -1,4 +1,4 @@
-"""Headless entry point: ``python -m lsq run|compare|runs|health|export``.
+"""Headless entry point: ``python -m lsq run|compare|runs|health|export|train``.
 
 Every app run can be reproduced here. Errors in the input are printed as one line and exit with
 status 2; nothing but a bug prints a traceback.
@@ -44,6 +44,7 @@ EPILOG = """examples:
   python -m lsq runs                                 # list saved runs
   python -m lsq health RUN                           # health checks of a saved run
   python -m lsq export RUN --format onnx             # QDQ ONNX for ONNX Runtime, with parity
+  torchrun --nproc_per_node=8 -m lsq train --data train/ --val val/ --epochs 1 --batch 256
 """
 
 
@@ -479,6 +480,120 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from lsq.distributed import FolderQATConfig, train_folder
+
+    recon = None
+    if args.reconstruct:
+        recon = ReconstructConfig(
+            iters=args.reconstruct, seed=args.seed, device=args.device, compile=not args.eager
+        )
+    cfg = FolderQATConfig(
+        data=args.data,
+        val=args.val,
+        model=_spec(args),
+        quant=run_config(args),
+        new_head=args.new_head,
+        resolution=args.resolution,
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch,
+        workers=args.workers,
+        optimizer=args.optimizer,
+        lr_weights=args.lr,
+        lr_weight_quant=args.lr_wq,
+        lr_act_quant=args.lr_act,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        distill=args.distill,
+        calib_images=args.calib,
+        reconstruct=recon,
+        ckpt_every=args.ckpt_every,
+        keep=args.keep,
+        log_every=args.log_every,
+        seed=args.seed,
+        device=args.device,
+        bf16=not args.fp32,
+        compile=not args.eager,
+    )
+    result = train_folder(
+        cfg, root=args.runs_dir, resume=args.resume, report=lambda line: print(line, flush=True)
+    )
+    return 0 if result.status == Status.COMPLETE else 1
+
+
+def _add_train(sub) -> None:
+    """``train``: QAT on an ImageNet-style folder, one process or many under torchrun."""
+    from lsq.distributed import LATEST, FolderQATConfig
+
+    d = FolderQATConfig(data=".")
+    t = sub.add_parser(
+        "train",
+        help="QAT on an image folder (class sub-folders); the same under torchrun on N GPUs",
+        description="QAT on an ImageNet-style folder with DistributedDataParallel under "
+        "torchrun (one process per GPU; gloo on the CPU), checkpoints and --resume; the run is "
+        "saved like any other and shows on the app's Runs page.",
+    )
+    t.add_argument("--data", required=True, help="training folder, one sub-folder per class")
+    t.add_argument("--val", default=None, help="validation folder (same classes): top-1 each epoch")
+    t.add_argument("--model", default="bundled", help="as for run: bundled, a timm name, a file")
+    t.add_argument("--arch", default="tf_efficientnet_lite0", help="architecture of a --model file")
+    t.add_argument("--random-weights", action="store_true", help="a timm --model, untrained")
+    t.add_argument(
+        "--new-head",
+        action="store_true",
+        help="a new classifier for the folder's classes (else its class count must be the "
+        "model's outputs, e.g. 1000 ImageNet synset folders)",
+    )
+    t.add_argument("--method", default="lsq+", choices=list(METHODS), help="default lsq+")
+    t.add_argument("--w-bits", type=_int, default=4, help="weight bits, 2-8 (default 4)")
+    t.add_argument("--a-bits", type=_int, default=4, help="activation bits, 2-8 (default 4)")
+    t.add_argument("--first-last-bits", type=_int, default=None, help="default 8; 0 = the same")
+    t.add_argument("--weight-init", choices=WEIGHT_INIT_CHOICES, default="auto", help="as for run")
+    t.set_defaults(act_mode=None, act_init=None)
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_int, default=None, help="passes over --data (default 1)")
+    length.add_argument("--steps", type=_int, default=None, help="optimizer steps instead")
+    t.add_argument(
+        "--batch",
+        "--batch-size",
+        type=_int,
+        default=d.batch_size,
+        help=f"global batch, split over the processes (default {d.batch_size})",
+    )
+    t.add_argument("--resolution", type=_int, default=None, help="pixels (default: the model's)")
+    t.add_argument("--workers", type=_int, default=d.workers, help="loader processes per rank")
+    t.add_argument("--optimizer", default=d.optimizer, choices=list(OPTIMIZERS))
+    t.add_argument("--lr", type=_float, default=d.lr_weights, help="weights' learning rate")
+    t.add_argument("--lr-act", type=_float, default=d.lr_act_quant, help="activation quantizers")
+    t.add_argument("--lr-wq", type=_float, default=d.lr_weight_quant, help="weight quantizers")
+    t.add_argument("--momentum", type=_float, default=d.momentum, help="SGD momentum")
+    t.add_argument("--weight-decay", type=_float, default=d.weight_decay)
+    t.add_argument(
+        "--distill", type=_float, default=0.0, help="weight of distillation from the float model"
+    )
+    t.add_argument("--calib", type=_int, default=d.calib_images, help="calibration images")
+    t.add_argument(
+        "--reconstruct", type=_int, default=0, help="block-wise reconstruction iterations per unit"
+    )
+    t.add_argument("--ckpt-every", type=_int, default=d.ckpt_every, help="checkpoint every N steps")
+    t.add_argument("--keep", type=_int, default=d.keep, help="checkpoints kept (default 3)")
+    t.add_argument("--log-every", type=_int, default=d.log_every, help="log every N steps")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=LATEST,
+        default=None,
+        help="continue a run from its last checkpoint: RUN (name or path), or alone the newest "
+        "unfinished run of this model and config",
+    )
+    t.add_argument("--seed", type=_int, default=d.seed, help="data order, augmentation, init")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    t.add_argument("--eager", action="store_true", help="eager quantizer kernels (no compile)")
+    t.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lsq",
@@ -552,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--layers", action="store_true", help="print every layer's export row")
     e.set_defaults(func=cmd_export)
+    _add_train(sub)
     return p
 
 

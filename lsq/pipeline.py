@@ -427,7 +427,11 @@ def reconstruct_method(
 
 
 def history_frames(events: list[TrainEvent]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-step metrics and per-step quantizer trajectories (long format) of training events."""
+    """Per-step metrics and per-step quantizer trajectories (long format) of training events.
+
+    Trajectory rows of trained layers also carry ``weight_flips`` (weights whose integer code
+    changed that step), ``weight_net`` (net codes moved since the start) and ``weights``.
+    """
     metrics, traj = [], []
     for e in events:
         if e.kind not in ("step", "eval"):
@@ -444,9 +448,11 @@ def history_frames(events: list[TrainEvent]) -> tuple[pd.DataFrame, pd.DataFrame
             }
         )
         for layer, (s, b, ws) in e.quantizers.items():
-            traj.append(
-                {"step": e.step, "layer": layer, "scale": s, "offset": b, "weight_scale": ws}
-            )
+            row = {"step": e.step, "layer": layer, "scale": s, "offset": b, "weight_scale": ws}
+            if layer in e.flips:
+                flips, net, n = e.flips[layer]
+                row.update(weight_flips=flips, weight_net=net, weights=n)
+            traj.append(row)
     return pd.DataFrame(metrics), pd.DataFrame(traj)
 
 

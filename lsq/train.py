@@ -123,6 +123,9 @@ class TrainEvent:
     message: str = ""
     #: layer name -> (activation scale, activation offset, mean weight scale)
     quantizers: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    #: layer name -> (weights whose code changed this step, net codes moved since the start,
+    #: number of weights); only layers whose weights or weight scales train (``WeightFlips``)
+    flips: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 def quantizer_snapshot(model: nn.Module) -> dict[str, tuple[float, float, float]]:
@@ -134,6 +137,57 @@ def quantizer_snapshot(model: nn.Module) -> dict[str, tuple[float, float, float]
         b = float(a.offset.detach().mean()) if a.offset is not None else 0.0
         out[name] = (s, b, float(w.effective_scale().detach().mean()))
     return out
+
+
+@torch.no_grad()
+def weight_codes(layer: nn.Module) -> Tensor:
+    """The integer code of every weight of a ``QuantLayer`` under its weight quantizer (int16):
+    round(clamp((w - offset) / scale, qmin, qmax)), as the fake quantizer computes it."""
+    q = layer.weight_quant
+    w = layer.layer.weight.detach()
+    v = w - q._broadcast(q.offset.detach(), w.dim()) if q.offset is not None else w
+    v = v / q._broadcast(q.effective_scale().detach(), w.dim())
+    return v.clamp_(q.qmin, q.qmax).round_().to(torch.int16)
+
+
+class WeightFlips:
+    """Weights crossing a rounding boundary during QAT, per layer and step.
+
+    Keeps each trained layer's integer weight codes from the last step and from the start (two
+    int16 copies: 4 bytes per weight). ``update`` after an optimizer step gives, per layer, how
+    many weights changed code since the last step (flips) and the net distance, in codes, of all
+    weights from where they started: a weight that flips up and back adds two flips and no net
+    distance, so flips far above the net distance mean oscillation, not learning. Only layers
+    whose weights or weight scale train are followed (the others cannot flip).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = {
+            name: layer
+            for name, layer in quant_layers(model).items()
+            if layer.weight_quant.enabled
+            and bool(layer.weight_quant.initialized)
+            and (layer.layer.weight.requires_grad or layer.weight_quant.scale.requires_grad)
+        }
+        self.start = {name: weight_codes(layer) for name, layer in self.layers.items()}
+        self.last = dict(self.start)
+
+    @torch.no_grad()
+    def update(self) -> dict[str, tuple[int, int, int]]:
+        """layer -> (flips this step, net codes moved since the start, number of weights)."""
+        if not self.layers:
+            return {}
+        counts = []
+        for name, layer in self.layers.items():
+            codes = weight_codes(layer)
+            counts.append((codes != self.last[name]).sum())
+            counts.append((codes - self.start[name]).abs().sum())
+            self.last[name] = codes
+        values = torch.stack(counts).tolist()  # one device sync for every layer
+        return {
+            name: (int(values[2 * i]), int(values[2 * i + 1]), self.start[name].numel())
+            for i, name in enumerate(self.layers)
+        }
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -321,6 +375,7 @@ def train(
     if not groups:
         raise LSQError("nothing to train: no learnable quantizer and weights frozen")
     opt = make_optimizer(groups, cfg.optimizer, cfg.momentum, cfg.weight_decay)
+    flips = WeightFlips(model)  # after param_groups: it decides which weights train
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     lrs = {g["name"]: g for g in opt.param_groups}
 
@@ -390,6 +445,7 @@ def train(
             lr_quant=lr_of("act_quant", "weight_quant"),
             seconds=time.perf_counter() - start,
             quantizers=quantizer_snapshot(model),
+            flips=flips.update(),
         )
         if step % cfg.eval_every == 0 or step == cfg.steps:
             if not all(torch.isfinite(p).all() for p in model.parameters()):

@@ -1,5 +1,7 @@
 """lsq.health: each check fires on a model built to trigger it and stays silent on a healthy one."""
 
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -145,3 +147,88 @@ def test_every_check_is_documented(check):
     import lsq.health
 
     assert check in lsq.health.__doc__
+
+
+# ------------------------------------------------------- weights flipping across a boundary
+
+
+def test_weight_flips_count_code_changes_and_net_movement():
+    from lsq.train import WeightFlips, weight_codes
+
+    model, _ = build(bits=4)
+    layers = quant_layers(model)
+    flips = WeightFlips(model)
+    assert set(flips.layers) == {"a", "b", "c", "fc"}
+    assert flips.update()["b"] == (0, 0, layers["b"].layer.weight.numel())
+    w, s = layers["b"].layer.weight, layers["b"].weight_quant.scale.detach()
+    codes = weight_codes(layers["b"]).flatten()
+    inner = int(torch.nonzero((codes > -7) & (codes < 6))[0])  # can move one code either way
+    channel = inner // w[0].numel()
+    with torch.no_grad():
+        w.view(-1)[inner] += s[channel]  # one code up
+    assert flips.update()["b"][:2] == (1, 1)
+    assert flips.update()["b"][:2] == (0, 1)  # nothing moved this step; still one code away
+    with torch.no_grad():
+        w.view(-1)[inner] -= s[channel]  # and back: a second flip, no net movement
+    assert flips.update()["b"][:2] == (1, 0)
+    layers["a"].layer.weight.requires_grad_(False)
+    layers["a"].weight_quant.scale.requires_grad_(False)
+    assert "a" not in WeightFlips(model).layers  # nothing of it trains: it cannot flip
+
+
+def bounce(model, steps: int = 10) -> pd.DataFrame:
+    """Trajectories of ``steps`` steps in which a fifth of layer b's weights bounce one code up
+    and back every step, and a fifth of layer c's drift one code a step in one direction."""
+    from lsq.pipeline import history_frames
+    from lsq.train import TrainEvent, WeightFlips, quantizer_snapshot
+
+    layers = quant_layers(model)
+    flips = WeightFlips(model)
+    events = [TrainEvent("eval", 0, steps, quantizers=quantizer_snapshot(model))]
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for name, sign in (("b", (-1) ** (step + 1)), ("c", 1)):
+                w = layers[name].layer.weight
+                s = layers[name].weight_quant.scale.detach().view(-1, *[1] * (w.dim() - 1))
+                fifth = w.view(-1).numel() // 5
+                w.view(-1)[:fifth] += (sign * s.expand_as(w)).reshape(-1)[:fifth]
+        events.append(
+            TrainEvent(
+                "step", step, steps, quantizers=quantizer_snapshot(model), flips=flips.update()
+            )
+        )
+    return history_frames(events)[1].assign(method="lsq+")
+
+
+def test_weights_oscillating_across_a_rounding_boundary(tmp_path):
+    model, stats = build(bits=8)
+    traj = bounce(model)
+    assert {"weight_flips", "weight_net", "weights"} <= set(traj.columns)
+    report = model_health(model, stats, traj)
+    # b bounces (many flips, no net movement); c drifts (as many flips as codes moved): learning
+    assert found(report) == {("b", "weight_oscillation")}, report.to_string()
+    reason = report["reason"].iloc[0]
+    assert "rounding boundary" in reason and "bounce" in reason
+    assert model_health(model, stats, traj[traj["step"] <= 2]).empty  # too few steps to tell
+    run = Run.create("net", make_config("lsq+", 8, 8), root=tmp_path)  # saved: the same finding
+    run.write_table("layers", layer_table(model, stats))
+    run.write_table("trajectories", traj)
+    run.finish()
+    assert ("b", "weight_oscillation") in found(run_health(load_run(run.name, root=tmp_path)))
+
+
+def test_training_counts_flips_only_in_the_layers_it_trains():
+    from lsq.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=2, batch_size=4, eval_every=2, compile=False, device="cpu")
+    teacher = Net().eval()
+    model, _ = build("lsq+", 4)
+    steps = [e for e in train(model, teacher, VIEWS, VIEWS, cfg) if e.kind == "step"]
+    assert [set(e.flips) for e in steps] == [{"a", "b", "c", "fc"}] * 2
+    assert steps[0].flips["b"][2] == 8 * 8 * 9
+    # Weights frozen: only the layers whose weight scale still learns can flip.
+    model, _ = build("lsq+", 4)
+    quant_layers(model)["a"].weight_quant.scale.requires_grad_(False)
+    frozen = dataclasses.replace(cfg, train_weights=False)
+    steps = [e for e in train(model, teacher, VIEWS, VIEWS, frozen) if e.kind == "step"]
+    assert set(steps[-1].flips) == {"b", "c", "fc"}

@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 import torch
 
+from lsq import plots
 from lsq.config import HIGH_BITS, METHODS, WEIGHT_INIT_CHOICES
 from lsq.errors import LSQError
 from lsq.explorer import Comparison, Settings
@@ -47,11 +48,18 @@ SOURCES = {
 def sidebar() -> Settings | None:
     """Draw the shared sidebar; returns its Settings, or None (saying why) when invalid.
 
-    Every default comes from ``Settings()``. The bundled model, bits, methods, weight init,
+    Every default comes from ``Settings()``. The presentation-mode toggle (see ``chart``), the
+    bundled model, bits, methods, weight init,
     resolution and views are bound to the URL (Streamlit's ``bind="query-params"``, keyed by the
     widget key), so a browser refresh or a shared link keeps them; nonsense in the URL is ignored.
     """
     sb = st.sidebar
+    sb.toggle(
+        "Presentation mode",
+        key="present",
+        help="Every chart with large fonts and dark tick labels, for a projector.",
+        bind="query-params",
+    )
     sb.header("Model")
     label = sb.selectbox("Source", list(SOURCES), key="model_source")
     source = SOURCES[label]
@@ -222,6 +230,16 @@ def sidebar() -> Settings | None:
     except LSQError as e:
         sb.error(str(e))
         return None
+
+
+def chart(fig, where=None, **kwargs) -> None:
+    """Draw a plotly figure (in ``where``, a column say); in presentation mode (the sidebar's
+    toggle) as ``plots.presentation`` makes it, without Streamlit's chart theme."""
+    where = where or st
+    if st.session_state.get("present"):
+        where.plotly_chart(plots.presentation(fig), theme=None, **kwargs)
+    else:
+        where.plotly_chart(fig, **kwargs)
 
 
 @st.cache_resource

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lsq.calibrate import ActStats
 from lsq.convert import QuantLayer, float_mode, quant_layers, switched
+from lsq.errors import LSQError
 from lsq.lab import error_split
 from lsq.train import distillation_loss, logits
 
@@ -207,6 +208,23 @@ def grid_levels(layer: QuantLayer) -> Tensor:
     s = float(q.effective_scale().detach().mean())
     b = float(q.offset.detach().mean()) if q.offset is not None else 0.0
     return b + torch.arange(q.qmin, q.qmax + 1, dtype=torch.float64) * s
+
+
+def grid_at_step(traj: pd.DataFrame, layer: str, step: int, qmin: int, qmax: int) -> dict:
+    """A layer's input grid at one training step, from its recorded trajectory (columns step,
+    layer, scale, offset: ``pipeline.history_frames``): the levels offset + k * scale for
+    k = qmin..qmax and the range [lo, hi], as ``explorer.layer_view`` gives them. The latest
+    step recorded at or before ``step`` counts; before the first, the first."""
+    rows = traj[traj["layer"].astype(str) == str(layer)].dropna(subset=["step", "scale"])
+    if rows.empty:
+        raise LSQError(f"no trajectory recorded for layer {layer!r}")
+    rows = rows.sort_values("step")
+    upto = rows[rows["step"] <= step]
+    row = upto.iloc[-1] if len(upto) else rows.iloc[0]
+    s = float(row["scale"])
+    b = float(row["offset"]) if "offset" in row and pd.notna(row["offset"]) else 0.0
+    levels = b + torch.arange(qmin, qmax + 1, dtype=torch.float64) * s
+    return {"levels": levels.tolist(), "lo": b + qmin * s, "hi": b + qmax * s}
 
 
 def histogram_frame(stats: ActStats) -> pd.DataFrame:

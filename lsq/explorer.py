@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from lsq.analysis import grid_levels, histogram_frame, layer_table, sensitivity
+from lsq.analysis import grid_at_step, grid_levels, histogram_frame, layer_table, sensitivity
 from lsq.config import METHODS, WEIGHT_INIT_CHOICES, QuantConfig, make_config, resolve_weight_init
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
@@ -53,7 +53,7 @@ from lsq.pipeline import (
 )
 from lsq.plots import Grid
 from lsq.reconstruct import ReconstructConfig, ReconstructEvent, unit_frame
-from lsq.runs import list_runs, load_run
+from lsq.runs import LoadedRun, list_runs, load_run
 from lsq.status import Status
 from lsq.train import TrainConfig, TrainEvent
 
@@ -511,3 +511,52 @@ def intro_view(bits: int) -> tuple[pd.DataFrame, list[tuple]]:
         for g in intro_grids(bits, x)
     ]
     return values_histogram(x), grids
+
+
+def replay_view(
+    comp: Comparison, traj: pd.DataFrame, layer: str, step: int
+) -> tuple[pd.DataFrame, dict, tuple]:
+    """One layer's input histogram (the calibration's) and each trained method's grid at
+    training ``step``, from the trajectories a training job recorded (``events_frames``)."""
+    hist, _, observed = layer_view(comp, layer)
+    grids = {}
+    for method, sub in traj.groupby("method", sort=False):
+        if method not in comp.initial:
+            continue
+        q = quant_layers(comp.initial[method].model)[layer].input_quant
+        grids[str(method)] = grid_at_step(sub, layer, step, q.qmin, q.qmax)
+    return hist, grids, observed
+
+
+def saved_curves(runs: list[LoadedRun]) -> pd.DataFrame:
+    """The training curves of saved runs (their ``metrics.csv``: loss, agreement and KL per
+    step), long, one ``method`` per run: its method (so it keeps its colour), or "A: lsq+",
+    "B: lsq+" ... in the order given when two runs share a method. Runs that did not train add
+    nothing."""
+    methods = [str(run.info.config.get("method") or run.info.name) for run in runs]
+    shared = len(set(methods)) < len(methods)
+    frames = []
+    for i, (run, method) in enumerate(zip(runs, methods, strict=True)):
+        metrics = run.tables.get("metrics")
+        if metrics is None or metrics.empty or "step" not in metrics:
+            continue
+        frames.append(metrics.assign(method=f"{chr(65 + i)}: {method}" if shared else method))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def compare_runs_frame(a: LoadedRun, b: LoadedRun, column: str = "output_sqnr_db") -> pd.DataFrame:
+    """Two runs' per-layer ``column`` side by side, with short headers that fit a table (the
+    caller says which run is A and which is B): layer, A, B, B − A. Empty when either run has
+    no per-layer table."""
+    la, lb = a.tables.get("layers"), b.tables.get("layers")
+    if la is None or lb is None or column not in la or column not in lb:
+        return pd.DataFrame()
+    merged = la[["layer", column]].merge(lb[["layer", column]], on="layer", suffixes=("_a", "_b"))
+    return pd.DataFrame(
+        {
+            "layer": merged["layer"],
+            "A": merged[f"{column}_a"],
+            "B": merged[f"{column}_b"],
+            "B − A": merged[f"{column}_b"] - merged[f"{column}_a"],
+        }
+    )

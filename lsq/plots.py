@@ -8,6 +8,7 @@ says "no data"; NaN values are dropped and infinities dropped or capped (and sai
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -1201,3 +1202,96 @@ def units_figure(units: pd.DataFrame) -> go.Figure:
     _readable_log(fig, "y", float(long["error"].min()), float(long["error"].max()))
     fig.update_xaxes(tickangle=-45)
     return _style(fig, title, "unit (in the order data flows)", "output error (MSE; KL last)")
+
+
+# ------------------------------------------------------------------------- presentation mode
+
+#: Presentation mode (a projector at the back of a room): every font this many times larger,
+#: tick labels at PRESENT_TICK px, and text, ticks and axis lines in PRESENT_INK.
+PRESENT_SCALE = 1.4
+PRESENT_TICK = 20
+PRESENT_INK = "#111111"
+PRESENT_GRID = "#B0B0B0"
+#: Colours of text that carries no meaning of its own (plotly's default, greys): made ink.
+_PLAIN_TEXT = {None, "", "#7F7F7F", "#444", "#2a3f5f", "gray", "grey"}
+#: Annotations longer than this (characters) break after their first "; " in presentation mode.
+PRESENT_LINE = 80
+_DEFAULT_MARGIN = {"t": 80, "l": 80, "r": 30, "b": 70}
+_DEFAULT_HEIGHT = 450
+
+
+def _bigger(size: float | None, default: float) -> int:
+    return round((size or default) * PRESENT_SCALE)
+
+
+def presentation(fig: go.Figure) -> go.Figure:
+    """A copy of ``fig`` for projection: every font PRESENT_SCALE times larger (title, axis
+    titles, legend, hover, annotations such as panel heads), tick labels at PRESENT_TICK px
+    (ones a figure made small on purpose, 50 layer names say, PRESENT_SCALE times theirs),
+    dark text, ticks and axis lines, darker grid lines, and margins and height grown to fit.
+    Written as explicit layout values, so they hold over any chart theme (Streamlit's draws
+    small grey tick labels otherwise); colours that mean something (a method's, the red
+    worst-layer labels) are kept."""
+    out = go.Figure(fig)
+    base = out.layout.template.layout if out.layout.template else go.Layout()
+    font = out.layout.font.size or base.font.size or FONT_SIZE
+    ink = {"color": PRESENT_INK}
+    out.update_layout(
+        font={"size": _bigger(font, FONT_SIZE), **ink},
+        title_font={"size": _bigger(out.layout.title.font.size or base.title.font.size, 22)},
+        title_font_color=PRESENT_INK,
+        legend_font={"size": _bigger(out.layout.legend.font.size or base.legend.font.size, 14)},
+        legend_font_color=PRESENT_INK,
+        hoverlabel_font_size=_bigger(base.hoverlabel.font.size, FONT_SIZE - 2),
+        margin={
+            k: _bigger(out.layout.margin[k] or base.margin[k], _DEFAULT_MARGIN[k])
+            for k in _DEFAULT_MARGIN
+        },
+        height=_bigger(out.layout.height, _DEFAULT_HEIGHT),
+    )
+
+    def axis(ax) -> None:
+        size = ax.tickfont.size  # set on purpose when small (50 layer names): scaled
+        ax.update(
+            tickfont={"size": PRESENT_TICK if size is None else _bigger(size, PRESENT_TICK)},
+            title_font={"size": _bigger(ax.title.font.size, font), **ink},
+            tickcolor=PRESENT_INK,
+            linecolor=PRESENT_INK,
+            gridcolor=PRESENT_GRID,
+        )
+        ax.tickfont.color = PRESENT_INK
+
+    out.for_each_xaxis(axis)
+    out.for_each_yaxis(axis)
+    for a in out.layout.annotations:
+        color = a.font.color if a.font.color not in _PLAIN_TEXT else PRESENT_INK
+        text = a.text or ""
+        if len(re.sub(r"<[^>]+>", "", text)) > PRESENT_LINE:  # a long panel head: two lines
+            text = text.replace("; ", ";<br>", 1)
+        a.update(text=text, font={"size": _bigger(a.font.size, font), "color": color})
+    return out
+
+
+# ------------------------------------------------------------------------- trajectory replay
+
+
+def replay_figure(
+    hist: pd.DataFrame,
+    grids: Mapping[str, Grid | Mapping[str, Any]],
+    observed: tuple[float, float] | None,
+    layer: str,
+    step: int,
+    last: int,
+) -> go.Figure:
+    """A layer's input histogram under each trained method's grid at one training step (small
+    multiples, as ``histogram_panels_figure``): stepping through them shows the range move.
+
+    ``grids``: method -> the grid at ``step`` (``lsq.analysis.grid_at_step``); ``last``: the
+    last step recorded, for the title.
+    """
+    return histogram_panels_figure(
+        hist,
+        grids,
+        observed,
+        title=f"Replay: {layer}'s grid at step {step} of {last}",
+    )

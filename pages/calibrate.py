@@ -9,7 +9,7 @@ from lsq.explorer import calibrate_job, collapse_note, health_frame, layer_view
 from lsq.jobs import Job
 from lsq.runs import list_runs
 from lsq.status import Status
-from ui import job_manager, settings, show_job, show_metrics, submit
+from ui import chart, job_manager, settings, show_job, show_metrics, submit
 
 st.title("Calibrate and initialise")
 s = settings()
@@ -52,13 +52,13 @@ if note:
 st.subheader("Every layer's input range, right after init")
 log_scale = st.toggle("Symmetric log scale", value=True, help="ranges span -70…70 and 0…6")
 ranges = comp.ranges_frame()
-st.plotly_chart(plots.ranges_figure(ranges, log_scale=log_scale), key="ranges")
+chart(plots.ranges_figure(ranges, log_scale=log_scale), key="ranges")
 
 st.subheader("One layer: input histogram and quantization grid, right after init")
 layers = list(dict.fromkeys(ranges["layer"]))
 layer = st.selectbox("Layer", layers, index=min(1, len(layers) - 1), key="calib_layer")
 hist, grids, observed = layer_view(comp, layer)
-st.plotly_chart(plots.histogram_panels_figure(hist, grids, observed), key="hist")
+chart(plots.histogram_panels_figure(hist, grids, observed), key="hist")
 
 st.subheader("Health checks, right after init")
 findings = health_frame(comp)

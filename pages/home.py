@@ -5,7 +5,7 @@ import streamlit as st
 from lsq import plots
 from lsq.explorer import Settings, calibrate_job, intro_view
 from lsq.jobs import Job
-from ui import job_manager, show_job, submit
+from ui import chart, job_manager, show_job, submit
 
 st.title("LSQ+ Explorer")
 st.markdown(
@@ -41,7 +41,7 @@ st.markdown(
 )
 bits = st.select_slider("Bits", list(range(2, 9)), value=3, key="intro_bits")
 hist, grids = intro_view(bits)
-st.plotly_chart(plots.intro_figure(hist, grids, bits), key="intro")
+chart(plots.intro_figure(hist, grids, bits), key="intro")
 
 default = Settings()
 st.caption(

@@ -7,7 +7,7 @@ from lsq.errors import LSQError
 from lsq.explorer import lab_grid, learned_settings, range_lab
 from lsq.lab import GRIDS, LabSetting
 from lsq.quantizers import MAX_BITS, MIN_BITS
-from ui import comparison_or_stop
+from ui import chart, comparison_or_stop
 
 GRID_NAMES = {
     "asymmetric": "LSQ+: unsigned grid + offset",
@@ -103,7 +103,7 @@ st.caption(
     f"{share:.0%} of this layer's input error, {split.clipped:.1%} of its inputs lie outside. "
     f"Update: {result.seconds * 1000:.0f} ms on {len(lab.start)} views ({runs} rerun)."
 )
-st.plotly_chart(
+chart(
     plots.lab_figure(lab.histogram(), lab_grid(setting), lab.observed, COLOR_OF[grid]),
     key="lab_hist",
 )

@@ -7,7 +7,7 @@ from lsq.explorer import layer_view, layers_job, sensitivity_job
 from lsq.export import offset_table
 from lsq.jobs import Job
 from lsq.status import Status
-from ui import comparison_or_stop, job_manager, latest_job, show_job, submit
+from ui import chart, comparison_or_stop, job_manager, latest_job, show_job, submit
 
 st.title("Per-layer error")
 comp = comparison_or_stop("")
@@ -66,12 +66,12 @@ metric = st.radio(
     }.get,
     horizontal=True,
 )
-st.plotly_chart(plots.layer_error_figure(df, metric), key="err")
+chart(plots.layer_error_figure(df, metric), key="err")
 st.caption(
     "Why each range: an input error that is mostly clipping means the range is too narrow; "
     "mostly rounding, that its levels are spread too wide."
 )
-st.plotly_chart(plots.error_split_figure(df), key="split")
+chart(plots.error_split_figure(df), key="split")
 wide = df.pivot_table(index=["index", "layer", "kind", "group"], columns="method", values=metric)
 wide = wide.reset_index().sort_values("lsq+" if "lsq+" in wide.columns else "index")
 if {"clip_error", "round_error"} <= set(df.columns):  # the split, as a share of the error
@@ -83,7 +83,7 @@ st.dataframe(wide, hide_index=True, key="table")
 
 layer = st.selectbox("Show a layer's input histogram and ranges", list(wide["layer"]))
 hist, grids, observed = layer_view(comp, layer, stage)
-st.plotly_chart(plots.histogram_panels_figure(hist, grids, observed), key="hist")
+chart(plots.histogram_panels_figure(hist, grids, observed), key="hist")
 
 st.subheader("Where the error comes from")
 method = st.selectbox("Method", list(results), key="sens_method")
@@ -100,7 +100,7 @@ sens = latest_job("sensitivity", comp, comparison=comp.id, stage=str(stage))
 show_job(sens)
 if sens is not None and sens.status == Status.DONE:
     st.caption(sens.title)
-    st.plotly_chart(plots.sensitivity_figure(sens.result), key="sens")
+    chart(plots.sensitivity_figure(sens.result), key="sens")
     st.dataframe(sens.result, hide_index=True)
 
 with st.expander(f"Offsets at export: {method}, each offset's distance to an integer zero point"):

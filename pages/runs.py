@@ -1,13 +1,20 @@
-"""Runs: saved runs listed; open one, compare two, download the per-layer CSV and checkpoint,
-export a run as ONNX (QDQ) or integer safetensors and download it."""
+"""Runs: saved runs listed; open one, compare two (per-layer SQNR and training curves),
+download the per-layer CSV and checkpoint, export a run as ONNX (QDQ) or integer safetensors
+and download it."""
 
 import pandas as pd
 import streamlit as st
 
+from lsq import plots
 from lsq.errors import LSQError
+from lsq.explorer import compare_runs_frame, saved_curves
 from lsq.export import export_file, export_run
 from lsq.runs import list_runs, load_run, runs_root
 from lsq.status import Status
+from ui import chart
+
+#: The curves a trained run shows, with titles short enough for a third of the page.
+CURVES = {"loss": "Training loss", "agreement": "Top-1 agreement", "kl": "KL to float"}
 
 st.title("Saved runs")
 infos = list_runs()
@@ -47,15 +54,27 @@ for name in chosen:
         st.error(str(e))
 if len(opened) == 2:
     a, b = opened
-    la, lb = a.tables.get("layers"), b.tables.get("layers")
-    if la is not None and lb is not None and "output_sqnr_db" in la:
-        merged = la[["layer", "output_sqnr_db"]].merge(
-            lb[["layer", "output_sqnr_db"]],
-            on="layer",
-            suffixes=(f" {a.info.name}", f" {b.info.name}"),
-        )
+    merged = compare_runs_frame(a, b)
+    if not merged.empty:
         st.subheader("Output SQNR (dB), side by side")
-        st.dataframe(merged, hide_index=True)
+        st.caption(f"A: `{a.info.name}` · B: `{b.info.name}` · higher is better")
+        st.dataframe(
+            merged,
+            hide_index=True,
+            column_config={
+                c: st.column_config.NumberColumn(c, format="%.2f") for c in ("A", "B", "B − A")
+            },
+        )
+curves = saved_curves(opened)
+if not curves.empty:
+    st.subheader("Training curves" + (" of both runs" if len(opened) == 2 else ""))
+    if len(opened) == 2:
+        st.caption(f"A: `{opened[0].info.name}` · B: `{opened[1].info.name}`")
+    cols = st.columns(3)
+    for col, (y, title) in zip(cols, CURVES.items(), strict=True):
+        chart(plots.curves_figure(curves, y, title=title), where=col, key=f"run-{y}")
+elif opened:
+    st.caption("Not trained (calibration only): no training curves.")
 for run in opened:
     st.subheader(run.info.name)
     st.write(f"Status: **{run.info.status}** {run.info.message}")

@@ -12,6 +12,7 @@ from lsq.explorer import (
     default_recipe,
     events_frames,
     health_frame,
+    replay_view,
     train_job,
     units_frame,
 )
@@ -19,7 +20,7 @@ from lsq.jobs import Job
 from lsq.reconstruct import ReconstructConfig
 from lsq.status import Status
 from lsq.train import OPTIMIZERS, TrainConfig
-from ui import comparison_or_stop, latest_job, show_job, show_metrics, submit
+from ui import chart, comparison_or_stop, latest_job, show_job, show_metrics, submit
 
 #: The form's defaults: one home, ``TrainConfig`` and ``ReconstructConfig``.
 DEFAULT = TrainConfig()
@@ -117,17 +118,31 @@ layer = st.selectbox(
 )
 
 
-def draw() -> None:
+def draw(replay: bool = False) -> None:
     units = units_frame(job)
     if not units.empty:
-        st.plotly_chart(plots.units_figure(units), key="units")
+        chart(plots.units_figure(units), key="units")
     metrics, traj = events_frames(job)
     if metrics.empty:
         return
     c1, c2 = st.columns(2)
-    c1.plotly_chart(plots.curves_figure(metrics, "loss"), key="loss")
-    c2.plotly_chart(plots.curves_figure(metrics, "agreement"), key="agreement")
-    st.plotly_chart(plots.trajectory_figure(traj, layer), key="traj")
+    chart(plots.curves_figure(metrics, "loss"), where=c1, key="loss")
+    chart(plots.curves_figure(metrics, "agreement"), where=c2, key="agreement")
+    chart(plots.trajectory_figure(traj, layer), key="traj")
+    if not replay or traj.empty:
+        return
+    steps = sorted(int(s) for s in traj["step"].unique())
+    step = st.select_slider("Replay: training step", steps, value=steps[-1], key="replay_step")
+    try:
+        hist, grids, observed = replay_view(comp, traj, layer, step)
+    except LSQError as e:
+        st.info(str(e))
+        return
+    chart(plots.replay_figure(hist, grids, observed, layer, step, steps[-1]), key="replay")
+    st.caption(
+        "Each method's grid on this layer's input at the chosen step, over the histogram "
+        "recorded at calibration: drag the step to watch the range move."
+    )
 
 
 st.subheader(job.title)
@@ -160,4 +175,4 @@ else:
         if not health.empty:
             st.caption("Health checks of the results above (one line per finding):")
             st.dataframe(health, hide_index=True)
-    draw()
+    draw(replay=True)

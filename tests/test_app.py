@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -88,7 +89,14 @@ def test_sidebar_choices_come_back_from_the_url():
 
 
 @pytest.mark.parametrize(
-    "key, value", [("w_bits", "99"), ("a_bits", "four"), ("res", "-1"), ("weight_init", "x")]
+    "key, value",
+    [
+        ("w_bits", "99"),
+        ("a_bits", "four"),
+        ("res", "-1"),
+        ("weight_init", "x"),
+        ("present", "maybe"),
+    ],
 )
 def test_nonsense_in_the_url_falls_back_to_defaults(key, value):
     at = AppTest.from_string(SIDEBAR, default_timeout=60)
@@ -96,6 +104,7 @@ def test_nonsense_in_the_url_falls_back_to_defaults(key, value):
     at.run()
     assert not at.exception
     assert at.session_state["settings"] == Settings()
+    assert at.sidebar.toggle(key="present").value is False
 
 
 def test_sidebar_offers_synthetic_images_alone_or_added():
@@ -205,11 +214,20 @@ def test_train_page_trains_and_draws_curves(calibrated, manager):
     at.run()
     assert not at.exception, at.exception
     figs = figures(at)
-    assert len(figs) == 3
-    loss, agreement, traj = figs
+    assert len(figs) == 4
+    loss, agreement, traj, replay = figs
     assert {"lsq+", "lsq"} <= set(trace_names(loss))
     assert all(len(points(d)) == 2 for d in loss["data"])
     assert {"lsq+", "lsq"} <= set(trace_names(traj))
+    # Replay: the layer's grid at the last step, then at step 0 (the range moved in between).
+    assert "step 2 of 2" in replay["layout"]["title"]["text"]
+    levels = [d for d in replay["data"] if d.get("name", "").startswith("lsq+: 16 levels")]
+    at.select_slider(key="replay_step").set_value(0).run()
+    assert not at.exception, at.exception
+    replay = figures(at)[3]
+    assert "step 0 of 2" in replay["layout"]["title"]["text"]
+    first = [d for d in replay["data"] if d.get("name", "").startswith("lsq+: 16 levels")]
+    assert points(first[0]) != points(levels[0])
     table = at.dataframe[0].value
     stages = dict(zip(table["method"], table["stage"], strict=True))
     assert stages == {
@@ -275,6 +293,58 @@ def test_layers_page_tables_and_sensitivity(calibrated, manager):
     names = " ".join(trace_names(sens))
     assert "weights" in names and "activations" in names
     assert all(len(points(d, "x")) >= 5 for d in sens["data"])  # stem, depthwise, ... groups
+
+
+def test_presentation_mode_from_the_url_enlarges_the_charts():
+    from lsq.plots import FONT_SIZE, PRESENT_INK
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert at.sidebar.toggle(key="present").value is False
+    (plain,) = figures(at)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["present"] = "true"  # a shared link with presentation mode on
+    at.run()
+    assert not at.exception, at.exception
+    assert at.sidebar.toggle(key="present").value is True
+    (big,) = figures(at)
+    assert big["layout"]["font"]["size"] > FONT_SIZE
+    assert big["layout"]["xaxis"]["tickfont"]["color"] == PRESENT_INK
+    assert "tickfont" not in plain["layout"].get("xaxis", {})
+    assert at.get("plotly_chart")[0].proto.theme == ""  # not Streamlit's small grey theme
+
+
+def test_runs_page_shows_training_curves_and_fitting_compare_headers(tmp_path, monkeypatch):
+    from lsq.config import make_config
+    from lsq.runs import Run
+
+    monkeypatch.setenv("LSQ_RUNS_DIR", str(tmp_path))
+    for method, kl in (("lsq+", 0.1), ("lsq", 0.3)):
+        run = Run.create("efficientnet_lite0", make_config(method, 8, 4), root=tmp_path)
+        run.write_table(
+            "metrics",
+            pd.DataFrame(
+                {"step": [0, 1, 2], "loss": [None, 0.5, 0.4], "agreement": [0.8, None, 0.9],
+                 "kl": [kl, None, kl / 2]}
+            ),
+        )  # fmt: skip
+        run.write_table(
+            "layers", pd.DataFrame({"layer": ["stem", "head"], "output_sqnr_db": [20.0, 30.0]})
+        )
+        run.finish()
+    at = AppTest.from_file(str(ROOT / "pages/runs.py"), default_timeout=60)
+    at.run()
+    names = list(at.dataframe[0].value["run"])
+    at.multiselect[0].set_value(names).run()
+    assert not at.exception, at.exception
+    compare = at.dataframe[1].value
+    assert list(compare.columns) == ["layer", "A", "B", "B − A"]  # short: nothing cut off
+    assert list(compare["B − A"]) == [0.0, 0.0]
+    assert any(names[0] in c.value and names[1] in c.value for c in at.caption)
+    loss, agreement, kl = figures(at)
+    assert set(trace_names(loss)) == {"lsq+", "lsq"}  # each run by its method and its colour
+    assert "loss" in loss["layout"]["title"]["text"] and "KL" in kl["layout"]["title"]["text"]
+    assert all(len(points(d)) == 2 for d in kl["data"])  # the evaluated steps only
 
 
 def test_runs_page_lists_and_opens_runs(calibrated, runs_dir):

@@ -1,6 +1,7 @@
 """lsq.plots: every figure on small synthetic frames, empty input, NaN and inf."""
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -561,3 +562,87 @@ def test_intro_figure_has_a_panel_per_grid_with_its_mse():
     heads = [a.text for a in fig.layout.annotations]
     assert [h.split("</b>")[0] for h in heads] == ["<b>lsq", "<b>lsq-signed", "<b>lsq+"]
     assert all("MSE" in h for h in heads) and "least" in heads[2]
+
+
+# -------------------------------------------------------------- presentation mode and replay
+
+
+def test_presentation_mode_enlarges_every_font_and_darkens_ticks():
+    from lsq.plots import (
+        FONT_SIZE,
+        PRESENT_INK,
+        PRESENT_TICK,
+        histogram_panels_figure,
+        presentation,
+    )
+
+    grids = {m: {"levels": [0.0, 1.0, 2.0], "lo": 0.0, "hi": 2.0} for m in ("lsq+", "lsq")}
+    figs = {
+        **all_figures(),
+        "panels": histogram_panels_figure(hist_frame(8), grids),
+        "worst": layer_error_figure(error_frame(), worst=3),
+    }
+    for name, fig in figs.items():
+        before = json.loads(fig.to_json())
+        big = presentation(fig)
+        assert json.loads(fig.to_json()) == before, name  # the figure itself is left as it was
+        assert big.layout.font.size > FONT_SIZE and big.layout.font.color == PRESENT_INK, name
+        assert big.layout.title.font.size > 22 and big.layout.legend.font.size > FONT_SIZE, name
+        assert big.layout.height > (fig.layout.height or 450), name
+        axes = [*fig.select_xaxes(), *fig.select_yaxes()]
+        big_axes = [*big.select_xaxes(), *big.select_yaxes()]
+        assert axes and len(axes) == len(big_axes), name
+        for ax, big_ax in zip(axes, big_axes, strict=True):
+            assert big_ax.tickfont.color == PRESENT_INK, name
+            small = ax.tickfont.size  # made small on purpose (50 layer names): larger too
+            assert big_ax.tickfont.size == (PRESENT_TICK if small is None else round(small * 1.4))
+        for a, b in zip(fig.layout.annotations, big.layout.annotations, strict=True):
+            assert b.font.size > (a.font.size or FONT_SIZE), (name, a.text)
+            assert b.font.color == (a.font.color if a.font.color == "red" else PRESENT_INK)
+    worst = presentation(figs["worst"])
+    assert {a.font.color for a in worst.layout.annotations} == {"red"}  # meaning kept
+    head = (
+        "<b>lsq+</b> · outside the range: below 8.4%, all within half a step; "
+        "above 2.7% (0.3% within half a step)"
+    )  # a long panel head breaks into two lines
+    fig = go.Figure().add_annotation(text=head)
+    assert presentation(fig).layout.annotations[0].text == head.replace("; ", ";<br>")
+    short = presentation(fig.update_annotations(text="short; head"))
+    assert short.layout.annotations[0].text == "short; head"
+
+
+def test_grid_at_step_reads_the_recorded_trajectory():
+    from lsq.analysis import grid_at_step
+    from lsq.errors import LSQError
+
+    traj = pd.DataFrame(
+        {
+            "step": [0, 0, 5, 10],
+            "layer": ["a", "b", "a", "a"],
+            "scale": [0.1, 9.0, 0.2, 0.3],
+            "offset": [-0.5, 0.0, -0.4, None],
+        }
+    )
+    g = grid_at_step(traj, "a", 5, 0, 3)
+    assert g["levels"] == pytest.approx([-0.4, -0.2, 0.0, 0.2])
+    assert (g["lo"], g["hi"]) == pytest.approx((-0.4, 0.2))
+    assert grid_at_step(traj, "a", 7, 0, 3)["lo"] == pytest.approx(-0.4)  # the latest before
+    assert grid_at_step(traj, "a", 99, -2, 1)["levels"] == pytest.approx([-0.6, -0.3, 0, 0.3])
+    assert grid_at_step(traj, "a", -1, 0, 1)["lo"] == pytest.approx(-0.5)  # before the first
+    with pytest.raises(LSQError, match="'c'"):
+        grid_at_step(traj, "c", 0, 0, 1)
+
+
+def test_replay_figure_draws_each_methods_grid_at_the_step():
+    from lsq.plots import replay_figure
+
+    grids = {
+        "lsq": {"levels": [0.0, 1.0, 2.0, 3.0], "lo": 0.0, "hi": 3.0},
+        "lsq+": {"levels": [-1.0, 0.0, 1.0, 2.0], "lo": -1.0, "hi": 2.0},
+    }
+    fig = replay_figure(hist_frame(8), grids, (-1.0, 3.0), "blocks.1", 7, 20)
+    assert "blocks.1" in title(fig) and "step 7 of 20" in title(fig)
+    heads = [a.text.split("</b>")[0] for a in fig.layout.annotations]
+    assert heads == ["<b>lsq+", "<b>lsq"]
+    lines = trace(fig, "lsq+: 4 levels")
+    assert sorted(set(points(lines.x))) == [-1.0, 0.0, 1.0, 2.0]

@@ -1,7 +1,8 @@
 """The app in a real browser: streamlit run + Debian's Chromium driven by Playwright.
 
 Runs the one-click default (bundled EfficientNet-Lite0, 224 px, four methods) exactly as a user
-would, and saves a screenshot to test-output/browser/. Skipped only where Chromium is missing.
+would, then drags a range in the range lab; saves screenshots to test-output/browser/ (each
+test prints its path). Skipped only where Chromium is missing.
 """
 
 import os
@@ -71,6 +72,23 @@ def server(tmp_path_factory):
     log.close()
 
 
+READY = "[data-testid='stApp'][data-test-script-state='notRunning']"
+CHARTS_DRAWN = """() => {
+    const charts = document.querySelectorAll("[data-testid='stPlotlyChart']");
+    return charts.length >= 1 && [...charts].every(
+        (c) => c.querySelector('.js-plotly-plot .main-svg .trace'));
+}"""
+
+
+def metric_values(page) -> dict[str, str]:
+    """The page's st.metric numbers, by label."""
+    out = {}
+    for m in page.locator("[data-testid='stMetric']").all():
+        label = m.locator("[data-testid='stMetricLabel']").inner_text().strip()
+        out[label] = m.locator("[data-testid='stMetricValue']").inner_text().strip()
+    return out
+
+
 def test_default_calibration_renders_charts_in_chromium(server):
     from playwright.sync_api import sync_playwright
 
@@ -104,4 +122,50 @@ def test_default_calibration_renders_charts_in_chromium(server):
         assert page.locator(".js-plotly-plot .trace").count() > 0
         page.screenshot(path=str(OUT / "calibrate.png"), full_page=True)
         (OUT / "timing.txt").write_text(f"default calibration to charts: {seconds:.1f} s\n")
+        browser.close()
+
+
+def test_range_lab_moves_with_a_slider_in_chromium(server):
+    """Move the lab's range (its upper end, by keyboard as a user can), see the numbers change."""
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    shot = OUT / "range-lab.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(f"{server}/lab")
+        page.wait_for_selector(READY)
+        if page.get_by_text("Calibrate first").count():  # run alone: calibrate the default
+            page.goto(server)
+            page.wait_for_selector(READY)
+            page.get_by_role("button", name="Run the default").click()
+            page.get_by_text("Every layer's input range, right after init").wait_for(
+                timeout=300_000
+            )
+            page.goto(f"{server}/lab")
+        page.get_by_text("Clipping error (MSE)").wait_for(timeout=120_000)
+        page.wait_for_selector(READY)
+        page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
+        before = metric_values(page)
+        high = page.locator(".st-key-lab_range input[type='range']").last  # the upper end
+        high.focus()
+        page.keyboard.press("PageDown")  # a tenth of the slider down: the top is clipped
+        page.wait_for_function(
+            """(before) => {
+                const m = [...document.querySelectorAll("[data-testid='stMetric']")].find(
+                    (e) => e.innerText.includes("Clipping error"));
+                return m && !m.innerText.includes(before);
+            }""",
+            arg=before["Clipping error (MSE)"],
+            timeout=60_000,
+        )
+        page.wait_for_selector(READY)
+        page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"range lab screenshot: {shot}")
+        after = metric_values(page)
+        assert page.locator("[data-testid='stException']").count() == 0
+        assert float(after["Clipping error (MSE)"]) > float(before["Clipping error (MSE)"])
+        assert after["Model KL to float"] != before["Model KL to float"]
         browser.close()

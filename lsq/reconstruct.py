@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lsq.convert import float_mode, quant_layers
 from lsq.errors import LSQError
+from lsq.init import init_weight_quantizer
 from lsq.quantizers import project_scales_, set_kernels
 from lsq.train import (
     distillation_loss,
@@ -38,6 +39,7 @@ from lsq.train import (
 #: Containers whose children timm runs one after another as the network's blocks.
 BLOCK_CONTAINERS = ("blocks", "layer1", "layer2", "layer3", "layer4", "stages", "features")
 HEAD = "forward_head"
+RECON_WEIGHT_INITS = ("mse", "keep")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ class ReconstructConfig:
     relative_quant_lr: bool = True
     relative_weight_lr: bool = True
     drop_prob: float = 0.5  # QDrop: chance that an input element comes from the float stream
+    #: Weight ranges the units start from: "mse" searches every quantized layer's weight scales
+    #: for the least quantization error first (per channel), "keep" starts from the model's own
+    #: init (LSQ+'s mean +- 3 sigma, LSQ's 2<|w|>/sqrt(Qp), min/max's max |w|). Measured on the
+    #: bundled model at W4A4 (160 px, 80 iterations, seed 0, agreement / KL): from LSQ+'s 3 sigma
+    #: ranges 0.73 / 0.61 (0.83 / 0.44 on 2 threads), from the MSE ranges 0.81 / 0.39.
+    weight_init: str = "mse"
     seed: int = 0
     device: str = "auto"
     bf16: bool = False
@@ -84,6 +92,11 @@ class ReconstructConfig:
         p = self.drop_prob
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise LSQError(f"drop_prob must be a number from 0 to 1, got {p!r}")
+        if self.weight_init not in RECON_WEIGHT_INITS:
+            raise LSQError(
+                f"weight_init must be one of {', '.join(RECON_WEIGHT_INITS)}, "
+                f"got {self.weight_init!r}"
+            )
         resolve_device(self.device)
 
     def to_dict(self) -> dict:
@@ -307,6 +320,8 @@ def reconstruct(
     if missing:
         raise LSQError(f"the float model has no module {missing[0]!r}: not the model quantized")
     set_kernels(model, "compiled" if cfg.compile else "eager")
+    if cfg.weight_init == "mse":
+        mse_weight_ranges_(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = cfg.batch_size
     n = len(views)
@@ -336,6 +351,7 @@ def reconstruct(
             opt = make_optimizer(groups, "adam")
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
             params = [p for g in groups for p in g["params"]]
+            start_state = [p.detach().clone() for p in params]
             for it in range(cfg.iters):
                 step = k * cfg.iters + it
                 if should_stop is not None and should_stop():
@@ -384,9 +400,16 @@ def reconstruct(
                 )  # fmt: skip
                 yield event
         after = _eval_loss(unit, model, x_q, target, is_logits, batch)
+        note = ""
+        if groups and after > before:  # no better than its start: keep the start
+            with torch.no_grad():
+                for p, g in zip(params, start_state, strict=True):
+                    p.copy_(g)
+            after, note = before, "no better than its start: kept the starting state"
         yield ReconstructEvent(
             "unit", unit.name, k, len(units), (k + 1) * cfg.iters, total,
             loss_before=before, loss_after=after, seconds=time.perf_counter() - start,
+            message=note,
         )  # fmt: skip
         if chained:
             x_q = _run_all(unit, model, x_q, batch)
@@ -395,6 +418,15 @@ def reconstruct(
         "done", units[-1].name, len(units) - 1, len(units), total, total,
         seconds=time.perf_counter() - start, message="finished",
     )  # fmt: skip
+
+
+@torch.no_grad()
+def mse_weight_ranges_(model: nn.Module) -> None:
+    """Set every enabled weight quantizer's scales by the MSE search (``init.mse_weight_init``)."""
+    for layer in quant_layers(model).values():
+        q = layer.weight_quant
+        if q.enabled:
+            init_weight_quantizer(q, layer.layer.weight, "mse")
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:

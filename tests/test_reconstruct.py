@@ -1,6 +1,7 @@
 """Block-wise reconstruction on toy networks, and the units of real timm architectures."""
 
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -44,7 +45,9 @@ def quantized(net, bits=3, seed=0):
     return teacher, model
 
 
-FAST = ReconstructConfig(iters=60, batch_size=16, compile=False, lr_weights=3e-4)
+FAST = ReconstructConfig(
+    iters=60, batch_size=16, compile=False, lr_weights=3e-4, weight_init="keep"
+)
 
 
 def test_chain_units_cover_every_layer_once_and_rebuild_the_output():
@@ -87,6 +90,23 @@ def test_each_unit_loss_falls_and_the_model_gets_closer(net):
                                               teacher(x).log_softmax(-1), log_target=True,
                                               reduction="batchmean"))  # fmt: skip
     assert kl_after < kl_before
+
+
+def test_a_unit_that_ends_worse_than_it_started_keeps_its_start():
+    teacher, model = quantized(ChainNet)
+    harmful = dataclasses.replace(FAST, iters=20, lr_act_quant=0.5, lr_weight_quant=0.5)
+    before = copy.deepcopy(model.state_dict())
+    events = list(reconstruct(model, teacher, data(32), harmful))
+    kept = [e for e in events if e.kind == "unit" and e.message]
+    assert kept, "the rates were meant to make some unit worse"
+    for e in kept:
+        assert e.loss_after == e.loss_before and "kept the starting state" in e.message
+    units = {u.name: u for u in find_units(model, data(1))}
+    after = model.state_dict()
+    for e in kept:  # the unit's own parameters are back where they started
+        own = [k for k in before if k.startswith(tuple(p + "." for p in units[e.unit].paths))]
+        assert own and all(torch.equal(before[k], after[k]) for k in own), e.unit
+    assert all(e.loss_after <= e.loss_before for e in events if e.kind == "unit")
 
 
 def test_reconstruction_is_seeded():
@@ -138,6 +158,30 @@ def test_bad_config_is_refused_in_words():
         ReconstructConfig(drop_prob=1.5)
     with pytest.raises(LSQError, match="iters"):
         ReconstructConfig(iters=0)
+    with pytest.raises(LSQError, match="weight_init must be one of mse, keep"):
+        ReconstructConfig(weight_init="3sigma")
+
+
+@pytest.mark.parametrize("choice", ["mse", "keep"])
+def test_units_start_from_the_mse_weight_ranges_unless_asked_to_keep(choice):
+    """With "mse" every weight scale is the MSE search's before the first step; "keep" keeps it."""
+    from lsq.init import mse_weight_init
+
+    teacher, model = quantized(ChainNet)
+    layers = quant_layers(model)
+    start = {n: ql.weight_quant.scale.detach().clone() for n, ql in layers.items()}
+    mse = {
+        n: mse_weight_init(ql.layer.weight.detach(), ql.weight_quant.qmin, ql.weight_quant.qmax,
+                           ql.weight_quant.per_channel).scale
+        for n, ql in layers.items()
+    }  # fmt: skip
+    assert not all(torch.allclose(start[n], mse[n].view_as(start[n])) for n in layers)
+    cfg = dataclasses.replace(FAST, weight_init=choice)
+    events = list(reconstruct(model, teacher, data(8), cfg, should_stop=lambda: True))
+    assert events[-1].kind == "stopped"
+    want = mse if choice == "mse" else start
+    for n, ql in layers.items():
+        assert torch.allclose(ql.weight_quant.scale.detach(), want[n].view_as(start[n])), n
 
 
 def test_relative_step_moves_every_scale_by_the_same_fraction():

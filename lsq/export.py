@@ -6,21 +6,25 @@ BatchNorm after a conv is folded in, and LSQ+'s continuous offset is turned into
 integer runtime can do. ``export_onnx`` writes that model as ONNX with QuantizeLinear /
 DequantizeLinear pairs (opset 17, run by ONNX Runtime on the CPU); ``export_safetensors`` writes
 its tensors with the layer list in the header; ``onnx_parity`` measures the ONNX Runtime model
-against the fake-quant model.
+against the fake-quant model, and ``onnx_layer_table`` recomputes the per-layer table from the
+exported graph's intermediate tensors.
 
 The arithmetic of one exported layer (conv or linear; ``*`` is the layer's conv/matmul)::
 
     q   = clamp(round((x - shift) / s_x) + z_x, qmin, qmax)    # integer input codes, b_a bits
     x'  = s_x * (q - z_x)   [+ shift when restore]               # what the layer sees
-    y   = x' * (s_w[c] * W_q[c]) + bias[c]                       # W_q: integer codes, b_w bits
+    y   = x' * (s_w[c] * W_q[c]) + bias[c]  [+ O[c] when border]  # W_q: integer codes, b_w bits
+    O   = conv(pad0(ones[H, W]), offset_kernel)                  # border: a bias per position
 
 ``round`` is round-half-to-even (ONNX, ``torch.round``). Stored per layer (safetensors keys
 ``<layer>.<tensor>``): ``weight_q`` (int8 codes in [-2^(b_w-1), 2^(b_w-1)-1]), ``weight_scale``
 (float32, one per output channel), ``weight_zero_point`` (int8 zeros: weights are symmetric),
 ``bias`` (float32), ``input_scale`` (float32 s_x), ``input_zero_point`` (z_x, uint8 for unsigned
 grids, int8 for signed ones), ``input_shift`` (float32); bits, qmin/qmax, route and restore are in
-the header (``__metadata__["lsq_export"]``, JSON). An integer runtime computes the sum as
-``s_x * s_w[c] * sum(W_q * (q - z_x))`` in int32, then adds ``bias``.
+the header (``__metadata__["lsq_export"]``, JSON), and for a padded conv that folded an offset
+``offset_kernel`` (float32, [C_out, 1, kh, kw]) with the conv's input size, pads, stride and
+dilation. An integer runtime computes the sum as ``s_x * s_w[c] * sum(W_q * (q - z_x))`` in
+int32, then adds ``bias`` (and ``O``, computed once when it loads the model).
 
 Bits below 8 are stored in 8-bit containers (int8 weights, uint8/int8 activations) with the clamp
 range of their real bit width: weight codes are already in range; activations get a Clip on the
@@ -36,31 +40,40 @@ Export folds g into the per-channel scale, ``s_w[c] = s[c] * g[c]``, and the shi
 with ``fold_bn`` has no BN left to fold.
 
 LSQ+'s offset. The fake-quant input is ``x_hat = s * q + beta`` with q in [0, 2^b - 1] and a
-continuous beta; an integer runtime wants ``s * (q - z)`` with an integer z. Two routes:
+continuous beta; an integer runtime wants ``s * (q - z)`` with an integer z. Routes (``offset``):
 
-- **fold** (exact where the layer has no padding: linears, convs with zero padding such as 1x1
-  convs): quantize with the continuous offset (``shift = beta``, subtracted before rounding, which
-  an integer runtime does in the producer's requantization step), codes with zero point 0, and
-  ``W * (s q + beta) = s (W * q) + beta * sum(W_hat[c])``: beta moves into the bias. In a padded
-  conv the borders see padded zeros where the fake-quant model sees ``beta``, so there it is not
-  exact (``offset="fold"`` does it anyway, to measure that).
-- **snap**: ``z = round(-beta / s)``; the grid moves by ``|beta + z s| <= s / 2``. When z does not
+- **fold** (the default; exact): quantize with the continuous offset (``shift = beta``,
+  subtracted before rounding, which an integer runtime does in the producer's requantization
+  step), codes with zero point 0, and ``W * (s q + beta) = s (W * q) + beta * sum(W_hat[c])``:
+  beta moves into the bias. In a padded conv the fake-quant model pads ``s q + beta`` with zeros,
+  so the borders see less of beta: there the bias is one value per output position,
+  ``beta * conv(pad0(ones), W_hat)`` (``_OffsetBias``; ``border_bias`` in the layer table). The
+  codes are the fake-quant model's own codes.
+- **snap-padded**: fold where a per-channel bias is exact (no padding), snap in padded convs —
+  for a runtime that has only a per-channel bias.
+- **snap** (everywhere): ``z = round(-beta / s)``; the grid moves by ``|beta + z s| <= s / 2``,
+  so codes near a rounding boundary change: at 4 bits this is a different model. When z does not
   fit the uint8 container (a range that does not contain 0), the snapped offset ``-z s`` is
   subtracted before the pair and added back after it (``shift = -z s``, ``restore``, z = 0).
+- **restore**: beta subtracted before the pair and added back after DequantizeLinear, in float
+  (``restore``): every layer sees exactly the fake-quant model's input, but the conv's input is
+  not ``s * (q - z)`` with an integer z. A reference, to tell snapping costs from float order.
 
-``offset="auto"`` (the default) folds where that is exact and snaps elsewhere. Signed and unsigned
-LSQ inputs have no offset (z = 0, route "none").
+Signed and unsigned LSQ inputs have no offset (z = 0, route "none"); a layer with its own
+forward (not Conv2d, Conv2dSame or Linear) snaps where fold would need a border bias.
 
 The graph is traced by torch's TorchScript ONNX exporter (``dynamo=False``): the pairs are emitted
 by ``symbolic`` methods of two small autograd functions, it needs no onnxscript, and it exports
-EfficientNet-Lite0 in about a second. Parity is limited by float summation order: the exported
-graph sums in another order than PyTorch (and BN folding reorders products), and a value on a
-rounding boundary then lands one code away; on a badly conditioned model (the bundled one at
-64 px) such flips grow through the network. ``bench/export.py`` prints the noise floor.
+EfficientNet-Lite0 in about a second. With fold, parity is limited by float summation order
+only: the exported graph sums in another order than PyTorch (and BN folding reorders products),
+and a value on a rounding boundary then lands one code away; on a badly conditioned model (the
+bundled one at low resolution, or at 4 bits) such flips grow through the network.
+``bench/export.py`` prints the noise floor: the fake-quant model in float64 against float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -75,6 +88,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame, conv2d_same
+from timm.layers.padding import get_same_padding
 from torch import Tensor, nn
 
 from lsq.convert import (
@@ -82,17 +96,22 @@ from lsq.convert import (
     _bn_replacement,
     _set_submodule,
     conv_bn_pairs,
+    float_mode,
     quant_layers,
+    switched,
 )
 from lsq.errors import LSQError
 
 #: ONNX opset of the exported graph: per-channel DequantizeLinear needs 13; ORT runs 17 on CPU.
 OPSET = 17
 #: How LSQ+'s continuous offset is exported (see the module docstring).
-OFFSET_ROUTES = ("auto", "fold", "snap")
+OFFSET_ROUTES = ("fold", "snap-padded", "snap", "restore")
+#: The route an export takes unless told otherwise: exact, and integer codes throughout.
+DEFAULT_OFFSET = "fold"
 FORMATS = ("onnx", "safetensors")
-#: Version of the integer safetensors layout (``__metadata__["lsq_export"]["format"]``).
-FORMAT_VERSION = 1
+#: Version of the integer safetensors layout (``__metadata__["lsq_export"]["format"]``); 2 added
+#: the border bias of padded convs (``offset_kernel``, ``border_bias`` and its geometry).
+FORMAT_VERSION = 2
 _CONTAINERS = {"uint8": (torch.uint8, 0, 255), "int8": (torch.int8, -128, 127)}
 
 
@@ -148,15 +167,17 @@ class LayerExport:
     w_bits: int | None  # None: float weights
     a_bits: int | None  # None: float input
     container: str  # uint8 / int8 for the input codes; "" for a float input
-    route: str  # fold / snap / none (no offset) / "" (float input)
+    route: str  # fold / snap / restore / none (no offset) / "" (float input)
     scale: float = math.nan
     zero_point: int = 0
     #: LSQ+'s continuous offset beta (0 without one).
     offset: float = 0.0
     #: |beta + z s| / s: how far snapping moved the grid, in steps (0 when folded or no offset).
     snap_error_steps: float = 0.0
-    #: Whether folding the offset into the bias is exact for this layer (no padding).
+    #: Whether a per-channel bias takes the offset exactly (the layer sees no padding).
     foldable: bool = False
+    #: Whether the folded offset needed a bias per output position (a padded conv's borders).
+    border_bias: bool = False
     bn_folded: str = ""
 
 
@@ -179,22 +200,70 @@ def _op(layer: nn.Module) -> str:
 
 
 def offset_foldable(layer: nn.Module) -> bool:
-    """Whether a layer sees no padding, so an input offset folds into its bias exactly."""
+    """Whether an input offset folds into a per-channel bias exactly: the layer sees no zero
+    padding (a padded conv's borders need a bias per output position, see ``_OffsetBias``)."""
     op = _op(layer)
     if op == "linear":
         return True
     if op == "conv_same":  # TF "same" padding: none for a 1x1 kernel at any stride and size
         return all(k == 1 for k in layer.kernel_size)
     if op == "conv":
-        if layer.padding == "valid":
-            return True
+        if layer.padding == "valid" or layer.padding_mode != "zeros":
+            return True  # reflect/replicate/circular padding repeats the offset too
         if layer.padding == "same":
             return all(k == 1 for k in layer.kernel_size)
         return all(p == 0 for p in layer.padding)
     return False
 
 
-def _input_plan(aq, foldable: bool, offset: str) -> dict[str, Any]:
+def _border_pads(layer: nn.Module, op: str, height: int, width: int) -> tuple[int, ...]:
+    """The zero padding a conv adds to an input of ``height`` x ``width``: (left, right, top,
+    bottom), as ``F.pad`` takes it."""
+    k, st, d = layer.kernel_size, layer.stride, layer.dilation
+    if op == "conv_same":  # timm's pad_same
+        ph = get_same_padding(height, k[0], st[0], d[0])
+        pw = get_same_padding(width, k[1], st[1], d[1])
+        return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+    if layer.padding == "same":  # PyTorch puts the odd one on the right/bottom
+        th, tw = d[0] * (k[0] - 1), d[1] * (k[1] - 1)
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = layer.padding
+    return pw, pw, ph, ph
+
+
+class _OffsetBias(torch.autograd.Function):
+    """A folded offset's bias in a padded conv, one value per output position.
+
+    The fake-quant conv sees ``s q + beta`` inside the image and padded zeros outside:
+    ``W * pad0(s q + beta) = W * pad0(s q) + beta * (W * pad0(1))``. The last term is
+    ``conv(pad0(ones[H, W]), K)`` with ``K[c] = beta * sum over input channels of W[c]`` (one
+    channel in, since every input channel is the same ones): ``beta * sum(W[c])`` inside,
+    less at the borders, where taps fall on padding. Exported as Conv over ConstantOfShape,
+    which ONNX Runtime folds into a constant when it loads the model (the file stores only K).
+    """
+
+    @staticmethod
+    def forward(ctx, kernel, bias, size, pads, stride, dilation):  # noqa: D102
+        ones = F.pad(torch.ones((1, 1, *size), dtype=kernel.dtype), pads)
+        return F.conv2d(ones, kernel, bias, stride, 0, dilation)
+
+    @staticmethod
+    def symbolic(g, kernel, bias, size, pads, stride, dilation):  # noqa: D102
+        shape = g.op("Constant", value_t=torch.tensor([1, 1, *size], dtype=torch.int64))
+        ones = g.op("ConstantOfShape", shape, value_t=torch.tensor([1.0]))
+        left, right, top, bottom = pads
+        return g.op(
+            "Conv",
+            ones,
+            kernel,
+            bias,
+            pads_i=[top, left, bottom, right],
+            strides_i=list(stride),
+            dilations_i=list(dilation),
+        )
+
+
+def _input_plan(aq, offset: str, foldable: bool, border_ok: bool) -> dict[str, Any]:
     """How one input quantizer is exported: container, zero point, shift, route."""
     s = float(aq.effective_scale().detach())
     qmin, qmax = aq.qmin, aq.qmax
@@ -205,9 +274,10 @@ def _input_plan(aq, foldable: bool, offset: str) -> dict[str, Any]:
         return {**plan, "route": "none"}
     beta = float(aq.offset.detach())
     plan["offset"] = beta
-    fold = offset == "fold" or (offset == "auto" and foldable)
-    if fold:
-        return {**plan, "route": "fold", "shift": beta}
+    if offset == "restore":
+        return {**plan, "route": "restore", "shift": beta, "restore": True}
+    if offset != "snap" and (foldable or (offset == "fold" and border_ok)):
+        return {**plan, "route": "fold", "shift": beta, "border": not foldable}
     z = round(-beta / s)
     plan.update(route="snap", snap_error_steps=abs(beta + z * s) / s)
     if 0 <= z <= 255:
@@ -233,7 +303,12 @@ class ExportLayer(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_quant_layer(
-        cls, name: str, ql: QuantLayer, bn: nn.Module | None = None, offset: str = "auto"
+        cls,
+        name: str,
+        ql: QuantLayer,
+        bn: nn.Module | None = None,
+        offset: str = DEFAULT_OFFSET,
+        input_shape: tuple[int, ...] | None = None,
     ) -> ExportLayer:
         layer = copy.deepcopy(ql.layer).cpu().float()
         op = _op(layer)
@@ -251,6 +326,9 @@ class ExportLayer(nn.Module):
             bias = (bias - bn.running_mean.float()) * factor + shift_bn
         wq, aq = ql.weight_quant, ql.input_quant
         foldable = offset_foldable(layer) and op != "generic"
+        # A padded conv takes its folded offset as a bias per output position (_OffsetBias),
+        # which needs the input's size; a layer with its own forward snaps instead.
+        border_ok = op in ("conv", "conv_same") and input_shape is not None
         tensors: dict[str, Tensor] = {}
         if wq.enabled:
             s = wq.effective_scale().detach().float().cpu().expand(channels).clone()
@@ -269,12 +347,17 @@ class ExportLayer(nn.Module):
                     f"layer {name}: its input quantizer was never initialised; calibrate the "
                     "model (lsq.calibrate.calibrate) before exporting it"
                 )
-            plan = _input_plan(aq, foldable, offset)
+            plan = _input_plan(aq, offset, foldable, border_ok)
             tensors["input_scale"] = torch.tensor(plan["scale"], dtype=torch.float32)
             dtype = _CONTAINERS[plan["container"]][0]
             tensors["input_zero_point"] = torch.tensor(plan["zero_point"], dtype=dtype)
             tensors["input_shift"] = torch.tensor(plan["shift"], dtype=torch.float32)
-            if plan["route"] == "fold" and plan["offset"] != 0.0:
+            if plan.get("border"):
+                plan.update(_border_geometry(layer, op, input_shape))
+                kernel = plan["offset"] * w_eff.double().sum(1, keepdim=True)
+                _check_border_bias(name, layer, op, w_eff, kernel, plan, input_shape)
+                tensors["offset_kernel"] = kernel.float()
+            elif plan["route"] == "fold" and plan["offset"] != 0.0:
                 dims = tuple(range(1, w_eff.dim()))
                 bias = (bias.double() + plan["offset"] * w_eff.double().sum(dims)).float()
         if op == "generic":
@@ -294,6 +377,7 @@ class ExportLayer(nn.Module):
             offset=plan["offset"] if plan else 0.0,
             snap_error_steps=plan["snap_error_steps"] if plan else 0.0,
             foldable=foldable,
+            border_bias=bool(plan and plan.get("border")),
             bn_folded="" if bn is None else "yes",
         )
         if op != "generic":
@@ -335,6 +419,14 @@ class ExportLayer(nn.Module):
         t = self.template
         if self.op == "linear":
             return F.linear(x, w, self.bias)
+        if hasattr(self, "offset_kernel"):  # the folded offset's bias, per output position
+            p = self.plan
+            bias = _OffsetBias.apply(
+                self.offset_kernel, self.bias, p["size"], p["pads"], p["stride"], p["dilation"]
+            )
+            if self.op == "conv":
+                return t._conv_forward(x, w, None) + bias
+            return conv2d_same(x, w, None, t.stride, t.padding, t.dilation, t.groups) + bias
         if self.op == "conv":
             return t._conv_forward(x, w, self.bias)
         if self.op == "conv_same":
@@ -344,6 +436,35 @@ class ExportLayer(nn.Module):
     def extra_repr(self) -> str:
         r = self.record
         return f"{r.layer}, {r.kind}, W{r.w_bits}A{r.a_bits}, route={r.route or 'float'}"
+
+
+def _border_geometry(layer: nn.Module, op: str, input_shape: tuple[int, ...]) -> dict:
+    size = tuple(int(v) for v in input_shape[-2:])
+    return {
+        "size": size,
+        "pads": tuple(_border_pads(layer, op, *size)),
+        "stride": tuple(layer.stride),
+        "dilation": tuple(layer.dilation),
+    }
+
+
+def _check_border_bias(
+    name: str, layer: nn.Module, op: str, w_eff: Tensor, kernel: Tensor, plan: dict, input_shape
+) -> None:
+    """The border bias must equal the layer's own conv of a constant offset (float64)."""
+    beta = plan["offset"]
+    field = torch.full((1, *input_shape[1:]), beta, dtype=torch.float64)
+    w64 = w_eff.double()
+    conv = F.conv2d if op == "conv" else conv2d_same
+    want = conv(field, w64, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    got = _OffsetBias.forward(
+        None, kernel, None, plan["size"], plan["pads"], plan["stride"], plan["dilation"]
+    )
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9, atol=1e-12):
+        raise LSQError(
+            f"layer {name}: the exporter cannot work out this conv's padding for its offset's "
+            "border bias; export with offset snap-padded"
+        )
 
 
 # --------------------------------------------------------------------------- the deploy model
@@ -372,10 +493,23 @@ def _conv_bn_pairs(model: nn.Module, example_input: Tensor) -> dict[str, str]:
     }
 
 
+@torch.no_grad()
+def _input_shapes(model: nn.Module, example_input: Tensor) -> dict[str, tuple[int, ...]]:
+    """Each quantized layer's input shape on ``example_input``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        (m, lambda mod, i, n=n: shapes.__setitem__(n, tuple(i[0].shape)), True)
+        for n, m in quant_layers(model).items()
+    ]
+    with switched(hooks=hooks):
+        model(example_input)
+    return shapes
+
+
 def deploy_model(
     model: nn.Module,
     example_input: Tensor | None = None,
-    offset: str = "auto",
+    offset: str = DEFAULT_OFFSET,
     fold_bn: bool = True,
 ) -> tuple[nn.Module, list[LayerExport]]:
     """A CPU copy of a quantized model in which each quantized layer is an ``ExportLayer``.
@@ -393,11 +527,12 @@ def deploy_model(
     model = copy.deepcopy(model).cpu().float().eval()
     x = (example_input if example_input is not None else _default_input(model)).cpu().float()
     pairs = _conv_bn_pairs(model, x[:1]) if fold_bn else {}
+    shapes = _input_shapes(model, x[:1])
     records = []
     for name, ql in quant_layers(model).items():
         bn_name = pairs.get(name)
         bn = model.get_submodule(bn_name) if bn_name else None
-        layer = ExportLayer.from_quant_layer(name, ql, bn, offset)
+        layer = ExportLayer.from_quant_layer(name, ql, bn, offset, shapes.get(name))
         records.append(layer.record)
         _set_submodule(model, name, layer)
         if bn_name and layer.record.bn_folded:
@@ -418,6 +553,8 @@ class ExportReport:
     seconds: float = 0.0
     #: onnx_parity's figures when they were measured (export_run measures them for ONNX).
     parity: dict[str, float] = field(default_factory=dict)
+    #: onnx_layer_table's rows, when asked for (export_run's ``layer_table``).
+    layer_table: pd.DataFrame | None = None
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(r) for r in self.layers])
@@ -460,7 +597,7 @@ def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     example_input: Tensor,
-    offset: str = "auto",
+    offset: str = DEFAULT_OFFSET,
     within: str | os.PathLike | None = None,
     fold_bn: bool = True,
 ) -> ExportReport:
@@ -513,7 +650,7 @@ def export_safetensors(
     model: nn.Module,
     path: str | os.PathLike,
     example_input: Tensor | None = None,
-    offset: str = "auto",
+    offset: str = DEFAULT_OFFSET,
     within: str | os.PathLike | None = None,
     fold_bn: bool = True,
 ) -> ExportReport:
@@ -539,6 +676,7 @@ def export_safetensors(
                 "qmin": plan.get("qmin"),
                 "qmax": plan.get("qmax"),
                 "restore": plan.get("restore", False),
+                **{k: plan[k] for k in ("size", "pads", "stride", "dilation") if k in plan},
                 "op": m.op,
             }
     header = {"format": FORMAT_VERSION, "offset": offset, "layers": layers}
@@ -561,23 +699,31 @@ def _first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- parity
-def onnx_logits(onnx_path: str | os.PathLike, views: Tensor, batch: int = 32) -> Tensor:
-    """ONNX Runtime's logits (CPU) on ``views``, in batches."""
+def _session(model: str | os.PathLike | bytes, views: Tensor, what: str):
+    """An ONNX Runtime CPU session (torch's thread count) for a model file or its bytes, checked
+    against the views' image size."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     opts.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
     try:
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise LSQError(f"ONNX Runtime cannot load {onnx_path}: {_first_line(e)}") from e
+        raise LSQError(f"ONNX Runtime cannot load {what}: {_first_line(e)}") from e
     shape = sess.get_inputs()[0].shape
     if tuple(shape[1:]) != tuple(views.shape[1:]):
         raise LSQError(
             f"the ONNX model takes images of {shape[1:]} (channels, height, width); the views are "
             f"{list(views.shape[1:])}: make views at the size it was exported at"
         )
+    return sess
+
+
+def onnx_logits(onnx_path: str | os.PathLike, views: Tensor, batch: int = 32) -> Tensor:
+    """ONNX Runtime's logits (CPU) on ``views``, in batches."""
+    sess = _session(onnx_path, views, str(onnx_path))
     name = sess.get_inputs()[0].name
     outs = [
         torch.from_numpy(sess.run(None, {name: views[i : i + batch].cpu().float().numpy()})[0])
@@ -620,6 +766,155 @@ def onnx_parity(
             )
             result[f"{who}_vs_float_kl"] = float(distillation_loss(lg, t))
     return result
+
+
+def _onnx_layer_tensors(graph, names: list[str]) -> dict[str, dict[str, str]]:
+    """Per exported layer, the graph's tensors holding its float input, its input codes and its
+    output, found from the QuantizeLinear that takes ``<layer>.input_scale`` and the ops the
+    exporter named after the layer's module."""
+    nodes = list(graph.node)
+    quantize = {n.input[1]: n for n in nodes if n.op_type == "QuantizeLinear"}
+    found = {}
+    for name in names:
+        q = quantize.get(f"{name}.input_scale")
+        if q is None:
+            continue
+        scope = q.name.rsplit("/", 1)[0] + "/"
+        mine = [n for n in nodes if n.name.startswith(scope)]
+        clip = next((n for n in mine if n.op_type == "Clip" and n.input[0] == q.output[0]), None)
+        sub = next((n for n in mine if n.op_type == "Sub" and n.output[0] == q.input[0]), None)
+        found[name] = {
+            "input": sub.input[0] if sub is not None else q.input[0],
+            "codes": (clip or q).output[0],
+            "output": mine[-1].output[0],
+        }
+    return found
+
+
+def _output_taps(model: nn.Module, names, example: Tensor, fold_bn: bool) -> dict:
+    """Where each layer's output is read in the fake-quant and float models so that it matches
+    the exported layer's: after the BatchNorm the export folds in (before its activation)."""
+    pairs = _conv_bn_pairs(model, example) if fold_bn else {}
+    taps = {}
+    for name in names:
+        bn = model.get_submodule(pairs[name]) if name in pairs else None
+        if bn is None or _op(model.get_submodule(name).layer) == "generic":
+            taps[name] = (model.get_submodule(name), False)
+        elif isinstance(getattr(bn, "act", None), nn.Module):  # timm's BatchNormAct2d
+            taps[name] = (bn.act, True)
+        else:
+            taps[name] = (bn, False)
+    return taps
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+@torch.no_grad()
+def onnx_layer_table(
+    model: nn.Module,
+    onnx_path: str | os.PathLike,
+    views: Tensor,
+    batch: int = 4,
+    fold_bn: bool = True,
+) -> pd.DataFrame:
+    """The per-layer table recomputed on the exported graph, next to the fake-quant model's.
+
+    ONNX Runtime runs the graph with each quantized layer's input, input codes and output as
+    extra outputs (in memory; the file is not changed); the fake-quant model and the float
+    model (quantizers off) run the same ``views``. One row per layer with a quantized input:
+
+    - ``codes_differ``: fraction of the layer's input codes that differ between ONNX Runtime and
+      the fake-quant model, each on its own forward pass (differences upstream included);
+    - ``codes_differ_same_input``: the same, with the fake-quant quantizer applied to ONNX
+      Runtime's own input: only how the codes are made (snapping an offset, rounding);
+    - ``input_vs_fake_quant_db``: SQNR of the layer's float input in ONNX Runtime against the
+      fake-quant model's: how far the two have drifted apart by this layer;
+    - ``output_sqnr_db`` / ``onnx_output_sqnr_db``: the layer's output against the float model,
+      in the fake-quant model and in ONNX Runtime (the app's per-layer column, read after the
+      BatchNorm the export folds in). ``fold_bn``: as the graph was exported.
+    """
+    import onnx
+
+    model.eval()
+    layers = {n: ql for n, ql in quant_layers(model).items() if ql.input_quant.enabled}
+    proto = onnx.load(str(onnx_path))
+    tensors = _onnx_layer_tensors(proto.graph, list(layers))
+    if not tensors:
+        raise LSQError(f"{onnx_path} has no quantized layer of this model; export the model first")
+    kinds = {}
+    for name, t in tensors.items():
+        signed = layers[name].input_quant.qmin < 0
+        kinds[t["codes"]] = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
+        kinds[t["input"]] = kinds[t["output"]] = onnx.TensorProto.FLOAT
+    outputs = {o.name for o in proto.graph.output}
+    for tensor, kind in kinds.items():
+        if tensor not in outputs:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, kind, None))
+    sess = _session(proto.SerializeToString(), views, str(onnx_path))
+    names = [o.name for o in sess.get_outputs()]
+    input_name = sess.get_inputs()[0].name
+    taps = _output_taps(model, tensors, views[:1].cpu().float(), fold_bn)
+    sums = {
+        n: dict.fromkeys(("codes", "differ", "same", "in", "drift", "out", "fq", "onnx"), 0.0)
+        for n in tensors
+    }
+    seen: dict[str, Tensor] = {}
+
+    def keep(key):  # a copy: an in-place activation (ReLU6) changes its input afterwards
+        return lambda m, args, out=None: seen.__setitem__(
+            key, (args[0] if out is None else out).detach().float().clone()
+        )
+
+    for i in range(0, len(views), batch):
+        x = views[i : i + batch].cpu().float()
+        got = dict(zip(names, sess.run(None, {input_name: x.numpy()}), strict=True))
+        seen.clear()
+        for who, context in (("fq", contextlib.nullcontext()), ("float", float_mode(model))):
+            hooks = [(layers[n], keep(f"{who}<{n}"), True) for n in tensors]
+            hooks += [(m, keep(f"{who}>{n}"), pre) for n, (m, pre) in taps.items()]
+            with context, switched(hooks=hooks):
+                model(x)
+        for n, t in tensors.items():
+            aq = layers[n].input_quant
+            s = aq.effective_scale().detach().float().cpu()
+            beta = aq.offset.detach().float().cpu() if aq.offset is not None else None
+
+            def codes(v, aq=aq, s=s, beta=beta):  # the fake-quant codes, in float32 as it does
+                v = v - beta if beta is not None else v
+                return torch.round(torch.clamp(v / s, aq.qmin, aq.qmax))
+
+            x_onnx = torch.from_numpy(got[t["input"]]).float()
+            q_onnx = torch.from_numpy(got[t["codes"]].astype("int64")).float()
+            x_fq, ref = seen[f"fq<{n}"], seen[f"float>{n}"].double()
+            acc = sums[n]
+            acc["codes"] += q_onnx.numel()
+            acc["differ"] += float((codes(x_fq) != q_onnx).sum())
+            acc["same"] += float((codes(x_onnx) != q_onnx).sum())
+            acc["in"] += float(x_fq.double().pow(2).sum())
+            acc["drift"] += float((x_fq.double() - x_onnx.double()).pow(2).sum())
+            acc["out"] += float(ref.pow(2).sum())
+            acc["fq"] += float((ref - seen[f"fq>{n}"].double()).pow(2).sum())
+            y_onnx = torch.from_numpy(got[t["output"]]).double()
+            acc["onnx"] += float((ref - y_onnx).pow(2).sum())
+    return pd.DataFrame(
+        [
+            {
+                "layer": n,
+                "kind": layers[n].kind,
+                "a_bits": layers[n].input_quant.bits,
+                "codes_differ": acc["differ"] / acc["codes"],
+                "codes_differ_same_input": acc["same"] / acc["codes"],
+                "input_vs_fake_quant_db": _db(acc["in"], acc["drift"]),
+                "output_sqnr_db": _db(acc["out"], acc["fq"]),
+                "onnx_output_sqnr_db": _db(acc["out"], acc["onnx"]),
+            }
+            for n, acc in sums.items()
+        ]
+    )
 
 
 def offset_table(model: nn.Module) -> pd.DataFrame:
@@ -692,7 +987,8 @@ def model_from_run(run_path: str | os.PathLike, root: str | os.PathLike | None =
     return model, run
 
 
-def _run_resolution(run, model: nn.Module) -> int:
+def run_resolution(run, model: nn.Module) -> int:
+    """The resolution a run was made at (its data meta), else the model's own."""
     data = run.info.meta.get("data") if isinstance(run.info.meta.get("data"), dict) else {}
     if data.get("resolution"):
         return int(data["resolution"])
@@ -717,24 +1013,32 @@ def export_run(
     run_path: str | os.PathLike,
     fmt: str = "onnx",
     out: str | os.PathLike | None = None,
-    offset: str = "auto",
+    offset: str = DEFAULT_OFFSET,
     root: str | os.PathLike | None = None,
     within: str | os.PathLike | None = None,
     parity_views: int = 32,
+    layer_table: bool = False,
 ) -> ExportReport:
     """Export a saved run: ONNX (with parity against the fake-quant model measured on
     ``parity_views`` bundled evaluation views; 0 to skip) or integer safetensors.
+    ``layer_table``: ONNX only, also recompute the per-layer table on the exported graph
+    (``onnx_layer_table``) on the same views.
 
     ``out`` defaults to ``model.onnx`` / ``model-int.safetensors`` inside the run folder.
     """
     if fmt not in FORMATS:
         raise LSQError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     _check_offset(offset)
+    if layer_table and (fmt != "onnx" or not parity_views):
+        raise LSQError(
+            "the per-layer table is recomputed on the ONNX graph on the parity views: export "
+            "with format onnx and parity views"
+        )
     model, run = model_from_run(run_path, root)
     suffix = ".onnx" if fmt == "onnx" else ".safetensors"
     if out is None:
         out = run.info.path / EXPORT_NAMES[fmt]
-    res = _run_resolution(run, model)
+    res = run_resolution(run, model)
     example = torch.zeros(1, 3, res, res)
     _check_out(out, suffix, within)
     if fmt == "safetensors":
@@ -748,10 +1052,13 @@ def export_run(
         data_config = dict(timm.data.resolve_model_data_config(model))
         views = make_views(bundled_images("evaluation"), parity_views, res, data_config, seed=1)
         report.parity = onnx_parity(model, report.path, views)
+        if layer_table:
+            report.layer_table = onnx_layer_table(model, report.path, views)
     return report
 
 
 __all__ = [
+    "DEFAULT_OFFSET",
     "EXPORT_NAMES",
     "FORMATS",
     "OFFSET_ROUTES",
@@ -767,6 +1074,8 @@ __all__ = [
     "model_from_run",
     "offset_foldable",
     "offset_table",
+    "onnx_layer_table",
     "onnx_logits",
     "onnx_parity",
+    "run_resolution",
 ]

@@ -8,8 +8,10 @@ import onnx
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from onnx import numpy_helper
 from safetensors import safe_open
+from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from lsq import LSQError, float_mode, make_config, quantize_model
@@ -17,11 +19,13 @@ from lsq.analysis import sqnr_db
 from lsq.calibrate import calibrate
 from lsq.convert import quant_layers
 from lsq.export import (
+    _OffsetBias,
     deploy_model,
     export_onnx,
     export_run,
     export_safetensors,
     offset_table,
+    onnx_layer_table,
     onnx_logits,
     onnx_parity,
 )
@@ -126,15 +130,22 @@ def test_onnx_runtime_matches_the_fake_quant_model_on_a_random_timm_model(resnet
     assert sqnr_db(expected, onnx_logits(report.path, x)) >= 30
 
 
-def test_bundled_model_at_low_resolution(bundled, tmp_path):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bundled_model_at_low_resolution(bundled, bits, tmp_path):
     float_model, views, held_out = bundled
-    model = quantized(float_model, make_config("lsq+", 8, 8, weight_init="mse"), views)
+    model = quantized(float_model, make_config("lsq+", bits, bits, weight_init="mse"), views)
     report = export_onnx(model, tmp_path / "m.onnx", held_out)
     parity = onnx_parity(model, report.path, held_out)
     # At 64 px (a fifth of its resolution) the model is ill-conditioned: one rounding flip where
-    # two float sums differ in order grows through the net (measured: even the plain LSQ model
-    # with BN kept agrees on 0.97 of the views). The targets hold at 224 px (the slow test).
-    assert parity["agreement"] >= 0.8 and parity["logit_sqnr_db"] >= 15
+    # two float sums differ in order grows through the net (measured: the fake-quant model in
+    # float64 agrees with itself in float32 on 0.97 of these views at W8A8). Measured with the
+    # exact fold: agreement 1.0 / 0.97, logit SQNR 30 / 19 dB (W8A8 / W4A4).
+    assert parity["agreement"] >= 0.9 and parity["logit_sqnr_db"] >= 15
+    # Snapping the padded convs' offsets instead changes the model: at 4 bits it costs most of
+    # the agreement (measured 0.44, 5.8 dB), at 8 bits a few dB.
+    snapped = export_onnx(model, tmp_path / "s.onnx", held_out, offset="snap-padded")
+    cost = onnx_parity(model, snapped.path, held_out)
+    assert cost["logit_sqnr_db"] < parity["logit_sqnr_db"] - (8 if bits == 4 else 3)
 
 
 @pytest.mark.slow
@@ -145,8 +156,8 @@ def test_bundled_model_parity_targets_at_224_px(tmp_path):
     result = init_method(bench, make_config("lsq+", 8, 8, weight_init="mse"))
     report = export_onnx(result.model, tmp_path / "m.onnx", bench.eval[:1])
     parity = onnx_parity(result.model, report.path, bench.eval)
-    # Measured 1.0 and 1.0e-3 (the issue's KL target is 1e-3: BN folding costs ~1e-3 alone).
-    assert parity["agreement"] >= 0.99 and parity["kl"] <= 2e-3
+    # Measured 1.0 and 4e-4 with the exact fold (1.3e-3 when the padded convs' offsets snapped).
+    assert parity["agreement"] >= 0.99 and parity["kl"] <= 1e-3
 
 
 def test_quantizers_off_the_exported_float_graph_equals_pytorch(bundled, tmp_path):
@@ -195,25 +206,131 @@ def layer_io(model, x):
     return seen
 
 
-def test_offset_folding_is_exact_for_a_1x1_conv_and_a_linear():
+def test_offset_folding_is_exact_for_a_1x1_conv_a_linear_and_a_padded_conv():
     model, x = tiny_quantized()
-    deployed, records = deploy_model(model, x, offset="auto")
-    routes = {r.layer: r.route for r in records}
-    assert routes == {"pw": "fold", "conv": "snap", "fc": "fold"}
+    deployed, records = deploy_model(model, x)  # fold, the default
+    rec = {r.layer: r for r in records}
+    assert {n: r.route for n, r in rec.items()} == {"pw": "fold", "conv": "fold", "fc": "fold"}
+    assert [n for n, r in rec.items() if r.border_bias] == ["conv"]
     io = layer_io(model, x)
-    for name in ("pw", "fc"):
+    for name in ("pw", "conv", "fc"):
         assert abs(float(model.get_submodule(name).input_quant.offset.detach())) > 1e-3
         inp, out = io[name]
         with torch.no_grad():
             got = deployed.get_submodule(name)(inp)
         torch.testing.assert_close(got, out, atol=1e-5, rtol=1e-5)
         assert float(deployed.get_submodule(name).input_zero_point) == 0
-    # In a padded conv folding is off at the borders: that is why auto snaps there.
-    forced, _ = deploy_model(model, x, offset="fold")
-    inp, out = io["conv"]
+    # The padded conv's borders see less of the offset than its inside: a per-channel bias
+    # alone (the offset times the kernel's sum) is exact inside and off at the borders.
+    conv = deployed.get_submodule("conv")
     with torch.no_grad():
-        err = (forced.get_submodule("conv")(inp) - out).abs()
-    assert err[..., 1:-1, 1:-1].max() < 1e-5 < err.max()
+        per_position = _OffsetBias.apply(
+            conv.offset_kernel, conv.bias, *(conv.plan[k] for k in _GEOMETRY)
+        )[0]
+    per_channel = conv.bias + conv.offset_kernel.sum((1, 2, 3))
+    err = (per_position - per_channel.view(-1, 1, 1)).abs()
+    assert err[:, 1:-1, 1:-1].max() < 1e-5 < err.max()
+    # snap-padded: only a per-channel bias, so the padded conv snaps its offset instead.
+    _, records = deploy_model(model, x, offset="snap-padded")
+    assert {r.layer: r.route for r in records} == {"pw": "fold", "conv": "snap", "fc": "fold"}
+
+
+_GEOMETRY = ("size", "pads", "stride", "dilation")
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (nn.Conv2d(3, 4, 3, padding=1), (7, 7)),
+        (nn.Conv2d(3, 4, (3, 1), padding=(1, 0)), (7, 5)),
+        (nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), (9, 9)),
+        (nn.Conv2d(3, 4, 4, padding="same"), (8, 8)),
+        (nn.Conv2d(4, 4, 5, padding=2, groups=4), (6, 6)),
+        (Conv2dSame(3, 4, 3, stride=2), (8, 8)),  # TF "same": one row more at the bottom
+        (Conv2dSame(3, 4, 3, stride=2), (8, 7)),  # ... and none at the sides
+        (Conv2dSame(4, 4, 5, groups=4), (6, 6)),
+    ],
+    ids=[
+        "pad1",
+        "rows-only",
+        "dilated-stride2",
+        "same-even-kernel",
+        "depthwise",
+        "tf-same-even",
+        "tf-same-uneven",
+        "tf-same-depthwise",
+    ],
+)
+def test_the_border_bias_is_exact_for_every_padding(conv, size, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, conv.in_channels, *size) - 0.7
+    model = quantized(nn.Sequential(conv), make_config("lsq+", 4, 4, first_last_bits=None), x)
+    assert abs(float(model[0].input_quant.offset.detach())) > 0.1
+    report = export_onnx(model, tmp_path / "m.onnx", x)
+    assert [(r.route, r.border_bias) for r in report.layers] == [("fold", True)]
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(onnx_logits(report.path, x), expected, atol=1e-5, rtol=1e-5)
+    # The file stores the small kernel, not a bias per position (ONNX Runtime folds it on load).
+    inits = {i.name: i for i in onnx.load(str(report.path)).graph.initializer}
+    assert tuple(inits["0.offset_kernel"].dims) == (4, 1, *conv.kernel_size)
+
+
+def test_a_border_bias_that_does_not_match_the_conv_is_refused_in_words(monkeypatch, tmp_path):
+    import lsq.export
+
+    model, x = tiny_quantized()
+    monkeypatch.setattr(lsq.export, "_border_pads", lambda *args: (0, 0, 0, 0))  # a padding missed
+    with pytest.raises(LSQError, match="cannot work out this conv's padding.*snap-padded"):
+        export_onnx(model, tmp_path / "m.onnx", x)
+    assert list(tmp_path.iterdir()) == []
+    report = export_onnx(model, tmp_path / "m.onnx", x, offset="snap-padded")  # the way out
+    assert [r.route for r in report.layers] == ["fold", "snap", "fold"]
+
+
+def test_w4a4_on_a_random_timm_model_matches_and_snapping_is_reported_apart(resnet, tmp_path):
+    x = torch.randn(16, 3, 64, 64)
+    model = quantized(resnet, make_config("lsq+", 4, 4), x)
+    report = export_onnx(model, tmp_path / "m.onnx", x)
+    parity = onnx_parity(model, report.path, x)
+    assert parity["agreement"] >= 0.98 and parity["kl"] <= 1e-3
+    assert parity["logit_sqnr_db"] >= 40  # measured 48 dB
+    # The per-layer table on the exported graph: with the fold the codes are the fake-quant
+    # model's own; snapping changes some of them (the cost of snapping, layer by layer).
+    table = onnx_layer_table(model, report.path, x[:4])
+    assert list(table["layer"]) == [n for n, _ in quant_layers(model).items()]
+    assert (table["codes_differ_same_input"] == 0).all()
+    assert table["codes_differ"].max() <= 1e-3
+    finite = table[table["output_sqnr_db"] < 100]  # inf: BN with zero gamma (timm's init)
+    assert len(finite) >= 8
+    diff = (finite["onnx_output_sqnr_db"] - finite["output_sqnr_db"]).abs()
+    assert diff.max() <= 0.05
+    snapped = export_onnx(model, tmp_path / "s.onnx", x, offset="snap")
+    table = onnx_layer_table(model, snapped.path, x[:4]).set_index("layer")
+    # Moving the grid by d steps changes the codes of at most about a fraction d of the values.
+    for rec in snapped.layers:
+        changed = table.loc[rec.layer, "codes_differ_same_input"]
+        assert changed <= rec.snap_error_steps + 0.05
+        assert changed > 0 or rec.snap_error_steps < 0.05
+
+
+def test_the_layer_table_reads_the_graph_it_is_given(resnet, tmp_path):
+    x = torch.randn(4, 3, 32, 32)
+    model = quantized(resnet, make_config("lsq+", 8, 8), x)
+    path = export_onnx(model, tmp_path / "m.onnx", x).path
+    before = path.read_bytes()
+    table = onnx_layer_table(model, path, x)
+    assert path.read_bytes() == before  # the extra outputs are added in memory only
+    assert len(table) == len(quant_layers(model))
+    with float_mode(model):
+        float_graph = export_onnx(model, tmp_path / "f.onnx", x).path
+    with pytest.raises(LSQError, match="no quantized layer of this model"):
+        onnx_layer_table(model, float_graph, x)
+    tiny, tx = tiny_quantized()
+    other = export_onnx(tiny, tmp_path / "t.onnx", tx).path  # its "fc" is named as resnet's
+    with pytest.raises(LSQError, match="takes images of"):
+        onnx_layer_table(model, other, x)
 
 
 def test_snapping_moves_the_grid_by_at_most_half_a_step():
@@ -267,16 +384,19 @@ def test_integer_safetensors_hold_codes_scales_zero_points_and_the_arithmetic_wo
         t["conv.weight_q"].dtype == torch.int8 and t["conv.input_zero_point"].dtype == torch.uint8
     )
     layer = header["layers"]["conv"]
-    # The module docstring's arithmetic, by hand, for the padded (snapped) conv.
-    inp, _ = layer_io(model, x)["conv"]
+    assert layer["route"] == "fold" and layer["border_bias"] and layer["pads"] == [1, 1, 1, 1]
+    # The module docstring's arithmetic, by hand, for the padded conv and its border bias.
+    inp, out = layer_io(model, x)["conv"]
     s, z, shift = t["conv.input_scale"], t["conv.input_zero_point"].float(), t["conv.input_shift"]
     q = (torch.round((inp - shift) / s) + z).clamp(layer["qmin"], layer["qmax"])
     w = t["conv.weight_q"].float() * t["conv.weight_scale"].view(-1, 1, 1, 1)
-    y = torch.nn.functional.conv2d(s * (q - z), w, t["conv.bias"], padding=1)
-    deployed, _ = deploy_model(model, x)
-    with torch.no_grad():
-        torch.testing.assert_close(y, deployed.get_submodule("conv")(inp), atol=1e-5, rtol=1e-5)
-    assert header["layers"]["pw"]["route"] == "fold" and layer["route"] == "snap"
+    ones = F.pad(torch.ones(1, 1, *layer["size"]), layer["pads"])
+    o = F.conv2d(
+        ones, t["conv.offset_kernel"], t["conv.bias"], layer["stride"], 0, layer["dilation"]
+    )
+    y = F.conv2d(s * (q - z), w, None, padding=1) + o
+    torch.testing.assert_close(y, out, atol=1e-5, rtol=1e-5)  # the fake-quant conv's output
+    assert header["layers"]["pw"]["route"] == "fold" and not header["layers"]["pw"]["border_bias"]
     # The folded layer subtracts its continuous offset before rounding.
     beta = float(model.get_submodule("pw").input_quant.offset.detach())
     assert float(t["pw.input_shift"]) == pytest.approx(beta) and beta != 0

@@ -24,7 +24,7 @@ from lsq.config import (
     resolve_weight_init,
 )
 from lsq.errors import LSQError
-from lsq.export import FORMATS, OFFSET_ROUTES
+from lsq.export import DEFAULT_OFFSET, FORMATS, OFFSET_ROUTES
 from lsq.pipeline import DataConfig
 from lsq.reconstruct import ReconstructConfig
 from lsq.status import Status
@@ -450,15 +450,22 @@ def cmd_export(args) -> int:
     from lsq.export import export_run
 
     report = export_run(
-        _run_arg(args.run), fmt=args.format, out=args.out, offset=args.offset, root=args.runs_dir
+        _run_arg(args.run),
+        fmt=args.format,
+        out=args.out,
+        offset=args.offset,
+        root=args.runs_dir,
+        layer_table=args.layer_table,
     )
     print(f"wrote {report.path}  ({report.format}, offset {report.offset}, {report.seconds:.1f} s)")
     frame = report.frame()
     quantized = frame[frame["route"] != ""]
     routes = quantized["route"].value_counts().to_dict()
+    border = int(frame["border_bias"].sum())
     print(
         f"{len(frame)} layers, {len(quantized)} with quantized inputs; offset routes: "
         + (", ".join(f"{k} {v}" for k, v in sorted(routes.items())) or "none")
+        + (f" ({border} padded convs with a border bias)" if border else "")
         + f"; largest snap {report.max_snap_error_steps:.3f} steps"
     )
     p = report.parity
@@ -469,7 +476,13 @@ def cmd_export(args) -> int:
             f"logit SQNR {p['logit_sqnr_db']:.1f} dB, max |diff| {p['max_abs_diff']:.3g}"
         )
     cols = ["layer", "kind", "w_bits", "a_bits", "container", "route", "scale"]
-    cols += ["zero_point", "offset", "snap_error_steps", "bn_folded"]
+    cols += ["zero_point", "offset", "snap_error_steps", "border_bias", "bn_folded"]
+    if report.layer_table is not None:
+        print(
+            "\nper-layer table on the exported graph (ONNX Runtime) and the fake-quant model, "
+            f"{int(p['views'])} views; SQNR in dB:"
+        )
+        print(report.layer_table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.layers:
         print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         return 0
@@ -661,11 +674,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--offset",
         choices=list(OFFSET_ROUTES),
-        default="auto",
-        help="LSQ+'s continuous offset: fold it into the next bias, snap it to an integer zero "
-        "point, or auto (fold where exact, i.e. no padding; snap elsewhere). Default auto",
+        default=DEFAULT_OFFSET,
+        help="LSQ+'s continuous offset: fold it into the bias (exact; a bias per output position "
+        "at a padded conv's borders), snap-padded (fold where no padding, snap elsewhere), snap "
+        "it to an integer zero point everywhere, or restore it in float after the pair (a "
+        f"reference). Default {DEFAULT_OFFSET}",
     )
     e.add_argument("--layers", action="store_true", help="print every layer's export row")
+    e.add_argument(
+        "--layer-table",
+        action="store_true",
+        help="ONNX: recompute the per-layer table on the exported graph (ONNX Runtime's "
+        "intermediate tensors against the fake-quant and float models, on the parity views)",
+    )
     e.set_defaults(func=cmd_export)
     _add_train(sub)
     return p

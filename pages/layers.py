@@ -109,10 +109,11 @@ with st.expander(f"Offsets at export: {method}, each offset's distance to an int
         st.caption(f"{method} learns no continuous offset: its zero point is already an integer.")
     else:
         st.caption(
-            "An integer runtime needs an integer zero point. Where a layer sees no padding "
-            "(1x1 convs, the linear) the export folds the offset into the bias, exactly; "
-            "elsewhere it snaps it to the nearest multiple of the scale, which moves the grid by "
-            "`snap_error_steps` steps (at most 0.5)."
+            "An integer runtime needs an integer zero point. The export folds the offset into "
+            "the bias, exactly; a padded conv (`foldable` false: one bias per channel is not "
+            "enough) gets a bias per output position for its borders. Snapping it to the nearest "
+            "multiple of the scale instead (`--offset snap`) moves the grid by `snap_error_steps` "
+            "steps (at most 0.5) and changes about that fraction of the layer's codes."
         )
         st.dataframe(
             offsets.sort_values("snap_error_steps", ascending=False),

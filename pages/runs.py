@@ -105,7 +105,7 @@ for run in opened:
             key=f"ckpt-{run.info.name}",
             on_click="ignore",
         )
-    st.markdown("**Export** (what an integer runtime computes; LSQ+'s offset folded where exact)")
+    st.markdown("**Export** (what an integer runtime computes; LSQ+'s offset folded into the bias)")
     cols = st.columns(2)
     for col, fmt, label in (
         (cols[0], "onnx", "Export ONNX"),

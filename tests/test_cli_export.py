@@ -41,7 +41,26 @@ def test_cli_exports_onnx_and_prints_the_parity(runs_dir, run_path, capsys):
     assert len(parity) == 1, out
     for figure in ("agreement", "KL", "logit SQNR", "max |diff|"):
         assert figure in parity[0]
-    assert "offset routes: fold" in out and "snap" in out  # the per-layer summary
+    # The per-layer summary: every LSQ+ offset folded, the stem and the 16 depthwise convs
+    # (padded) with a bias per output position.
+    assert "offset routes: fold 50 (17 padded convs with a border bias)" in out
+
+
+def test_cli_recomputes_the_per_layer_table_on_the_exported_graph(run_path, capsys, tmp_path):
+    out_file = tmp_path / "m.onnx"
+    assert main(["export", str(run_path), "--out", str(out_file), "--layer-table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (start,) = [i for i, line in enumerate(lines) if line.startswith("per-layer table on the")]
+    header = lines[start + 1].split()
+    assert header[:3] == ["layer", "kind", "a_bits"] and "onnx_output_sqnr_db" in header
+    rows = [line.split() for line in lines[start + 2 : start + 52]]
+    assert [r[0] for r in rows][:2] == ["conv_stem", "blocks.0.0.conv_dw"] and len(rows) == 50
+    same_input = header.index("codes_differ_same_input")
+    assert all(float(r[same_input]) == 0 for r in rows)  # fold: the fake-quant model's codes
+    argv = ["export", str(run_path), "--format", "safetensors", "--layer-table"]
+    assert main([*argv, "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "recomputed on the ONNX graph" in err and "\n" not in err
 
 
 def test_cli_exports_safetensors_by_path_with_a_chosen_offset(runs_dir, run_path, capsys, tmp_path):

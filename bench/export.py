@@ -3,20 +3,24 @@
     .venv/bin/python bench/export.py                  # parity + latency, a few minutes on 2 cores
     .venv/bin/python bench/export.py --no-latency     # parity only
     .venv/bin/python bench/export.py --quick          # a smoke run of everything (tiny sizes)
+    .venv/bin/python bench/export.py --no-latency --bits 8 --run RUN   # also a saved run's model
 
 1. Parity, bundled EfficientNet-Lite0, LSQ+ W8A8 and W4A4 right after init (``--steps`` QAT
-   steps first, if asked): top-1 agreement, KL(fake-quant || ONNX) and logit SQNR of the ONNX
-   Runtime QDQ graph against the project's fake-quant model, on held-out evaluation views, for
-   each offset route (auto, snap everywhere, fold everywhere) and with BatchNorm kept (the QDQ
-   pairs alone). The first row is the noise floor: the fake-quant model against itself at batch
-   size 1 instead of 64 (another float summation order).
-2. Latency (CPU, 2 threads in all): the QDQ graph in ONNX Runtime vs the float ONNX graph vs
-   PyTorch eager float, batch 1 and 32 at 224 px; medians of interleaved rounds.
+   steps first, if asked), and the model of each ``--run`` (a saved run's folder, at its own
+   resolution): top-1 agreement, KL(fake-quant || ONNX) and logit SQNR of the ONNX Runtime QDQ
+   graph against the project's fake-quant model, on held-out evaluation views, for each offset
+   route (fold, snap-padded, snap everywhere, restore) and with BatchNorm kept (the QDQ pairs
+   alone). The first rows of each model: the noise floor, the fake-quant model computed in
+   float64 against float32 (what float rounding alone does to this model), and the exported
+   arithmetic (fold, BN folded) run by PyTorch instead of ONNX Runtime.
+2. Latency (CPU, ``--threads`` in all, default 2): the QDQ graph in ONNX Runtime vs the float
+   ONNX graph vs PyTorch eager float, batch 1 and 32 at 224 px; medians of interleaved rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -32,7 +36,7 @@ import torch  # noqa: E402
 from bench.tables import markdown  # noqa: E402
 from lsq.config import make_config  # noqa: E402
 from lsq.convert import float_mode  # noqa: E402
-from lsq.export import export_onnx, onnx_parity  # noqa: E402
+from lsq.export import deploy_model, export_onnx, onnx_logits  # noqa: E402
 from lsq.pipeline import DataConfig, ModelSpec, init_method, prepare, train_method  # noqa: E402
 from lsq.train import TrainConfig, distillation_loss, logits  # noqa: E402
 
@@ -43,6 +47,45 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+#: (offset route, BatchNorm folded) pairs measured for each model.
+VARIANTS = [("fold", True), ("snap-padded", True), ("snap", True), ("restore", True)]
+VARIANTS += [("fold", False)]
+
+
+def _row(label: str, export: str, out, ref, snap: float = 0.0) -> dict:
+    return {
+        "model": label,
+        "export": export,
+        "agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
+        "KL": float(distillation_loss(out, ref)),
+        "logit SQNR dB": _sqnr(ref, out),
+        "max snap (steps)": snap,
+    }
+
+
+def parity_rows(label: str, model, views, folder: Path) -> list[dict]:
+    """The noise floor, the deploy model in PyTorch and each export variant's parity against
+    the fake-quant ``model``."""
+    ref = logits(model, views, 16).cpu()
+    with torch.no_grad():
+        m64 = copy.deepcopy(model).double()
+        ref64 = torch.cat([m64(views[i : i + 16].double()) for i in range(0, len(views), 16)])
+        deployed, _ = deploy_model(model, views[:1])
+        dep = torch.cat([deployed(views[i : i + 16]) for i in range(0, len(views), 16)])
+    rows = [
+        _row(label, "none: fake-quant in float64 (noise floor)", ref64.float().cpu(), ref),
+        _row(label, "fold, BN folded, run by PyTorch (no ONNX Runtime)", dep.cpu(), ref),
+    ]
+    for offset, fold_bn in VARIANTS:
+        t = time.perf_counter()
+        report = export_onnx(model, folder / "m.onnx", views[:1], offset=offset, fold_bn=fold_bn)
+        out = onnx_logits(report.path, views, 16)
+        export = f"offset {offset}, BN {'folded' if fold_bn else 'kept'}"
+        rows.append(_row(label, export, out, ref, report.max_snap_error_steps))
+        log(f"  {label} {rows[-1]} ({time.perf_counter() - t:.0f} s)")
+    return rows
+
+
 def parity_table(bench, bits: list[tuple[int, int]], steps: int, folder: Path) -> pd.DataFrame:
     rows = []
     for w, a in bits:
@@ -50,38 +93,30 @@ def parity_table(bench, bits: list[tuple[int, int]], steps: int, folder: Path) -
         res = init_method(bench, cfg)
         if steps:
             res = train_method(bench, res, TrainConfig(steps=steps, eval_every=steps, seed=0))
-        ref = logits(res.model, bench.eval, 64).cpu()
-        ref1 = logits(res.model, bench.eval, 1).cpu()
-        rows.append(
-            {
-                "bits": f"W{w}A{a}",
-                "export": "none: fake-quant at batch 1 (noise floor)",
-                "agreement": float((ref1.argmax(-1) == ref.argmax(-1)).float().mean()),
-                "KL": float(distillation_loss(ref1, ref)),
-                "logit SQNR dB": _sqnr(ref, ref1),
-                "max snap (steps)": 0.0,
-                "fake-quant vs float agreement": res.metrics["agreement"],
-            }
-        )
-        variants = [("auto", True), ("snap", True), ("fold", True), ("auto", False)]
-        for offset, fold_bn in variants:
-            t = time.perf_counter()
-            report = export_onnx(
-                res.model, folder / "m.onnx", bench.eval[:1], offset=offset, fold_bn=fold_bn
-            )
-            p = onnx_parity(res.model, report.path, bench.eval, bench.teacher_eval)
-            rows.append(
-                {
-                    "bits": f"W{w}A{a}",
-                    "export": f"offset {offset}, BN {'folded' if fold_bn else 'kept'}",
-                    "agreement": p["agreement"],
-                    "KL": p["kl"],
-                    "logit SQNR dB": p["logit_sqnr_db"],
-                    "max snap (steps)": report.max_snap_error_steps,
-                    "fake-quant vs float agreement": p["fake_quant_vs_float_agreement"],
-                }
-            )
-            log(f"  {cfg.label} {rows[-1]['export']}: {p} ({time.perf_counter() - t:.0f} s)")
+        stage = f"{steps} QAT steps" if steps else "init"
+        agree = res.metrics["agreement"]
+        label = f"LSQ+ W{w}A{a} after {stage}, {bench.eval.shape[-1]} px (vs float {agree:.2f})"
+        rows += parity_rows(label, res.model, bench.eval, folder)
+    return pd.DataFrame(rows)
+
+
+def run_parity_table(runs: list[str], eval_views: int, folder: Path) -> pd.DataFrame:
+    """Each saved run's model at its own resolution, on bundled evaluation views."""
+    import timm.data
+
+    from lsq.data import bundled_images, make_views
+    from lsq.export import model_from_run, run_resolution
+
+    rows = []
+    for path in runs:
+        model, run = model_from_run(Path(path))
+        res = run_resolution(run, model)
+        config = dict(timm.data.resolve_model_data_config(model))
+        views = make_views(bundled_images("evaluation"), eval_views, res, config, seed=1)
+        meta = run.info.meta
+        agree = (meta.get("metrics_final") or {}).get("agreement", float("nan"))
+        label = f"run {run.info.name} ({meta.get('stage', '')}, {res} px, vs float {agree:.2f})"
+        rows += parity_rows(label, model, views, folder)
     return pd.DataFrame(rows)
 
 
@@ -102,7 +137,7 @@ def latency_table(
     with float_mode(res.model):
         flt = export_onnx(res.model, folder / "float.onnx", example).path
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
+    opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
     sessions = {
         "ONNX Runtime QDQ int8": ort.InferenceSession(
@@ -161,13 +196,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="QAT steps before export (0: init only)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds")
     p.add_argument("--batches", default="1,32")
+    p.add_argument("--threads", type=int, default=THREADS, help=f"CPU threads (default {THREADS})")
     p.add_argument("--no-latency", action="store_true", help="parity only")
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs")
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        help="also the parity of a saved run's model (its folder; repeatable), at its resolution",
+    )
     args = p.parse_args()
     if args.quick:
         args.resolution, args.calib, args.eval_views, args.rounds = 64, 8, 8, 2
         args.batches, args.bits = "1,2", "8"
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"$ {' '.join(['.venv/bin/python', *sys.argv])}\n")
     t0 = time.perf_counter()
@@ -187,13 +229,20 @@ def main() -> None:
                 parity_table(bench, bits, args.steps, folder),
             )
         )
+        if args.run:
+            sections.append(
+                (
+                    "Parity: ONNX Runtime QDQ vs the fake-quant model of saved runs",
+                    run_parity_table(args.run, args.eval_views, folder),
+                )
+            )
         if not args.no_latency:
             log("latency")
             res = 64 if args.quick else 224
             batches = [int(b) for b in args.batches.split(",")]
             sections.append(
                 (
-                    f"CPU latency at {res} px, {THREADS} threads, median of {args.rounds} "
+                    f"CPU latency at {res} px, {args.threads} threads, median of {args.rounds} "
                     "interleaved rounds",
                     latency_table(bench, res, batches, args.rounds, folder),
                 )
@@ -204,7 +253,7 @@ def main() -> None:
     print(
         f"bundled EfficientNet-Lite0, parity on {args.eval_views} held-out views at "
         f"{args.resolution} px; torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"{THREADS} threads; wall time {wall / 60:.1f} min\n"
+        f"{args.threads} threads; wall time {wall / 60:.1f} min\n"
     )
     for title, df in sections:
         print(f"### {title}\n\n{markdown(df, 4)}\n")

@@ -26,7 +26,7 @@ from lsq.config import (
 from lsq.errors import LSQError
 from lsq.export import DEFAULT_OFFSET, FORMATS, OFFSET_ROUTES
 from lsq.pipeline import DataConfig
-from lsq.reconstruct import ReconstructConfig
+from lsq.reconstruct import RECON_WEIGHT_INITS, ReconstructConfig
 from lsq.status import Status
 from lsq.train import OPTIMIZERS, TrainConfig
 from lsq.validate import whole_number
@@ -185,6 +185,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         f"{RECON.iters} is the recipe's)",
     )
     lb.add_argument(
+        "--recon-weight-init",
+        choices=RECON_WEIGHT_INITS,
+        default=RECON.weight_init,
+        help="weight ranges reconstruction starts from: 'mse' searches them first (the "
+        "recipe's), 'keep' starts from the method's own init",
+    )
+    lb.add_argument(
         "--recon-views",
         type=_int,
         default=DATA.recon_views,
@@ -280,6 +287,7 @@ def _recon_cfg(args) -> ReconstructConfig | None:
         return None
     return ReconstructConfig(
         iters=args.reconstruct,
+        weight_init=args.recon_weight_init,
         seed=args.seed,
         device=args.device,
         bf16=args.bf16,

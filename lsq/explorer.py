@@ -260,6 +260,11 @@ RECIPES = {
     "reconstruct+qat": "Block-wise reconstruction, then QAT",
     "reconstruct": "Block-wise reconstruction only",
 }
+#: Where reconstruction starts each layer's weight ranges (``ReconstructConfig.weight_init``).
+RECON_WEIGHT_STARTS = {
+    "mse": "MSE-searched ranges (the recipe's)",
+    "keep": "the method's own init",
+}
 #: Weight bits at and below which the default recipe is block-wise reconstruction: plain QAT on
 #: a few photos leaves 4-bit weights broken (agreement 0 on the bundled model), and QAT after
 #: reconstruction made it worse in every variant measured (bench/lowbit.py --optimizers).

@@ -9,6 +9,7 @@ from lsq import plots
 from lsq.errors import LSQError
 from lsq.explorer import (
     RECIPES,
+    RECON_WEIGHT_STARTS,
     default_recipe,
     events_frames,
     health_frame,
@@ -52,6 +53,14 @@ with st.form("train"):
         value=RECON.iters,
         step=10,
     )
+    recon_start = c1.selectbox(
+        "Reconstruction starts the weights from",
+        list(RECON_WEIGHT_STARTS),
+        index=list(RECON_WEIGHT_STARTS).index(RECON.weight_init),
+        format_func=RECON_WEIGHT_STARTS.get,
+        help="The MSE search gives every layer the least weight error before its block is "
+        "repaired; on the bundled model at W4A4 it ended better than LSQ+'s mean +- 3 sigma.",
+    )
     optimizer = c2.selectbox("Optimizer", OPTIMIZERS, index=OPTIMIZERS.index(DEFAULT.optimizer))
     batch = c2.number_input("Batch size", min_value=1, max_value=256, value=DEFAULT.batch_size)
     c3.caption("QAT learning rates (reconstruction uses its own relative rates)")
@@ -93,7 +102,9 @@ if go:
         )
         recon = None
         if recipe != "qat":
-            recon = dataclasses.replace(RECON, iters=int(iters), device=comp.settings.device)
+            recon = dataclasses.replace(
+                RECON, iters=int(iters), weight_init=recon_start, device=comp.settings.device
+            )
         if recipe == "reconstruct":
             cfg = None
         if not methods:

@@ -243,6 +243,7 @@ def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, man
     at.radio[0].set_value("reconstruct+qat")
     [n for n in at.number_input if n.label == "QAT steps"][0].set_value(1)
     [n for n in at.number_input if n.label.startswith("Reconstruction iter")][0].set_value(2)
+    [b for b in at.selectbox if b.label.startswith("Reconstruction starts")][0].set_value("keep")
     at.multiselect[0].set_value(["lsq+"])
     job = click_and_wait(at, "Train", manager, "train")
     kinds = [e.kind for m, e in job.events]
@@ -260,6 +261,7 @@ def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, man
     rec, trained = comp.results("reconstructed")["lsq+"], comp.results("trained")["lsq+"]
     assert (rec.label, trained.label) == ("reconstructed", "reconstructed, trained 1 step")
     assert rec.model is not trained.model and rec.metrics != trained.metrics
+    assert rec.recon_config.weight_init == "keep" and rec.recon_config.iters == 2
 
 
 def test_layers_page_tables_and_sensitivity(calibrated, manager):

@@ -1,6 +1,7 @@
 """The low-bit recipe's pieces working together: fresh views in QAT, reconstruction then QAT."""
 
 import copy
+import json
 
 import torch
 from torch import nn
@@ -116,13 +117,15 @@ def test_cli_runs_the_low_bit_recipe(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "lsq", "run", "--resolution", "64", "--calib", "8",
          "--eval-views", "8", "--recon-views", "8", "--reconstruct", "2", "--steps", "1",
-         "--batch-size", "4", "--eager"],
+         "--batch-size", "4", "--eager", "--recon-weight-init", "keep"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "after reconstruction (2 iterations per unit): agreement" in out.stdout
     run = next(tmp_path.iterdir())
     assert (run / "units.csv").exists()
+    meta = json.loads((run / "config.json").read_text())["meta"]
+    assert meta["reconstruct"]["iters"] == 2 and meta["reconstruct"]["weight_init"] == "keep"
     health = subprocess.run(
         [sys.executable, "-m", "lsq", "health", str(run)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

@@ -106,7 +106,6 @@ def test_a_unit_that_ends_worse_than_it_started_keeps_its_start():
     for e in kept:  # the unit's own parameters are back where they started
         own = [k for k in before if k.startswith(tuple(p + "." for p in units[e.unit].paths))]
         assert own and all(torch.equal(before[k], after[k]) for k in own), e.unit
-    assert all(e.loss_after <= e.loss_before for e in events if e.kind == "unit")
 
 
 def test_reconstruction_is_seeded():

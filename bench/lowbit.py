@@ -211,6 +211,19 @@ def views_table(make_bench, data, bits, recon, train) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def recon_changes(items: list[str]) -> dict:
+    """``FIELD=VALUE`` pairs as ReconstructConfig changes, each value typed like the default."""
+    defaults = ReconstructConfig()
+    out = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        if not hasattr(defaults, field) or not value:
+            raise SystemExit(f"--recon-set wants FIELD=VALUE, FIELD of ReconstructConfig: {item}")
+        kind = type(getattr(defaults, field))
+        out[field] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
 def parse_bits(text: str) -> list[tuple[int, int]]:
     out = []
     for part in text.split(","):
@@ -229,6 +242,14 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--recon-views", type=int, default=DataConfig().recon_views)
     p.add_argument("--iters", type=int, default=ReconstructConfig().iters)
+    p.add_argument(
+        "--recon-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change one ReconstructConfig field, e.g. lr_other=1e-3 or weight_init=keep "
+        "(repeatable)",
+    )
     p.add_argument("--steps", type=int, default=20, help="QAT steps after reconstruction (0: none)")
     p.add_argument("--bits", type=parse_bits, default=parse_bits("4/4,3/3,2/2,8/4"))
     p.add_argument("--methods", default=",".join(METHODS))
@@ -258,7 +279,7 @@ def main() -> None:
         eval_views=args.eval_views,
         recon_views=args.recon_views,
     )
-    recon = ReconstructConfig(iters=args.iters)
+    recon = ReconstructConfig(iters=args.iters, **recon_changes(args.recon_set))
     train = TrainConfig(steps=args.steps, eval_every=args.steps) if args.steps else None
     benches: dict = {}
 

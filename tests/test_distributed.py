@@ -1,27 +1,36 @@
 """`python -m lsq train` on an image folder: two ranks under torchrun stay identical and take the
-steps of one process with the global batch; a killed run resumes on the same loss curve; bad
-input is refused in words with exit status 2.
+steps of one process with the global batch; a killed run resumes on the same loss curve (also
+under two ranks), with new learning rates if asked; a run that is being written, a checkpoint of
+another setup and a damaged checkpoint are refused, and bad input in general, in words with exit
+status 2; a start that fails leaves the run marked failed.
 
 A tiny setup: timm's test_efficientnet (random weights, a new 2-class head) at 64 px on a folder
 of the scikit-image photos, eager kernels, no loader workers, one thread per process.
 """
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import lsq.distributed as engine
 from lsq.cli import main
 from lsq.config import QuantConfig
 from lsq.data import bundled_images
+from lsq.errors import LSQError
+from lsq.health import check_flips
 from lsq.runs import Run, list_runs, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,12 +132,23 @@ def test_two_ranks_end_identical_and_the_run_is_listed(two_ranks):
     metrics = run.tables["metrics"]
     assert list(metrics["step"]) == [0, 1, 2, 3, 4, 5]
     assert np.isfinite(losses(run)).all()
-    evals = metrics.set_index("step")[["val_top1", "agreement", "kl"]].dropna()
+    evals = metrics.set_index("step")[["val_top1"]].dropna()
     assert evals.index.tolist() == [0, 4, 5]  # after init, each epoch, the end
+    # A new head: the float model's classifier is as untrained as the start's, so no agreement
+    # or KL with it, only top-1 on the folder's labels.
+    assert not {"agreement", "kl"} & set(metrics.columns)
+    assert set(run.info.meta["metrics_final"]) == {"top1", "views"}
+    assert run.info.meta["teacher_metrics"] is False
     assert len(run.tables["layers"]) == len(run.tables["init"]) > 5
     assert run.tables["layers"]["output_sqnr_db"].notna().all()
-    assert set(run.tables["trajectories"]["step"]) == {0, 1, 2, 3, 4, 5}
-    assert {"agreement", "kl", "top1"} <= set(run.info.meta["metrics_final"])
+    traj = run.tables["trajectories"]
+    assert set(traj["step"]) == {0, 1, 2, 3, 4, 5}
+    # Each step's weight flips, for `lsq health`'s oscillation check.
+    flips = traj[traj["step"] > 0].dropna(subset=["weight_flips"])
+    assert len(flips) >= 5 * 5 and (flips["weight_flips"] >= 0).all()
+    assert (flips["weight_flips"] <= flips["weights"]).all() and flips["weight_flips"].sum() > 0
+    assert traj[traj["step"] == 0]["weight_flips"].isna().all()
+    assert isinstance(check_flips(traj), list)
 
 
 @pytest.mark.slow  # a subprocess: ~10-20 s with its imports
@@ -174,27 +194,98 @@ def killed(data, tmp_path_factory) -> Path:
     return runs
 
 
+def six_steps(data: Path, *extra: str) -> list[str]:
+    """The killed run's arguments: 6 steps, a checkpoint at step 3."""
+    return train_args(data, 6, "--ckpt-every", "3", *extra)
+
+
+@pytest.fixture(scope="module")
+def whole(data, tmp_path_factory):
+    """The killed run's setup run uninterrupted, in this process."""
+    runs = tmp_path_factory.mktemp("runs-whole")
+    assert main(["--runs-dir", str(runs), *six_steps(data)]) == 0
+    return only_run(runs)
+
+
+def resumable(killed: Path, into: Path) -> Path:
+    """A copy of the killed run under ``into`` (a runs folder); its path."""
+    (info,) = list_runs(killed)
+    return shutil.copytree(info.path, into / info.path.name)
+
+
+def assert_same_state(a, b, rtol: float = 1e-6, atol: float = 1e-7) -> None:
+    x = load_file(a.info.path / "state.safetensors")
+    y = load_file(b.info.path / "state.safetensors")
+    assert x.keys() == y.keys()
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], rtol=rtol, atol=atol, msg=key)
+
+
 @pytest.mark.slow  # a subprocess: ~10-20 s with its imports
-def test_a_killed_run_resumes_on_the_same_loss_curve(data, killed, tmp_path):
-    whole = tmp_path / "whole"
-    assert main(["--runs-dir", str(whole), *train_args(data, 6, "--ckpt-every", "3")]) == 0
+def test_a_killed_run_resumes_on_the_same_loss_curve(data, killed, whole, tmp_path):
     runs = tmp_path / "resumed"
-    shutil.copytree(killed, runs)
+    path = resumable(killed, runs)
     (info,) = list_runs(runs)
     assert info.status == "incomplete"
-    assert [p.name for p in (info.path / "checkpoints").iterdir()] == ["step-00000003.pt"]
+    assert [p.name for p in (path / "checkpoints").iterdir()] == ["step-00000003.pt"]
+    # The killed process's lock is still there; its process is gone, so it is stale.
+    lock = json.loads((path / ".lock").read_text())
+    assert lock["host"] == socket.gethostname() and lock["pid"] != os.getpid()
 
-    argv = ["--runs-dir", str(runs), *train_args(data, 6, "--ckpt-every", "3"), "--resume"]
-    assert main(argv) == 0
-    resumed, uninterrupted = only_run(runs), only_run(whole)
+    assert main(["--runs-dir", str(runs), *six_steps(data), "--resume"]) == 0
+    resumed = only_run(runs)
     assert resumed.info.status == "complete"
+    assert not (path / ".lock").exists()  # taken over, then released
     assert list(resumed.tables["metrics"]["step"]) == list(range(7))
-    np.testing.assert_allclose(losses(resumed), losses(uninterrupted), rtol=1e-6)
-    a = load_file(resumed.info.path / "state.safetensors")
-    b = load_file(uninterrupted.info.path / "state.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    np.testing.assert_allclose(losses(resumed), losses(whole), rtol=1e-6)
+    assert_same_state(resumed, whole)
+    # The trajectories too, weight flips included (their start codes are in the checkpoint).
+    pd.testing.assert_frame_equal(
+        resumed.tables["trajectories"], whole.tables["trajectories"], rtol=1e-6
+    )
+    assert resumed.info.meta["resumes"] == [{"step": 3, "world_size": 1, "lr": {}}]
+
+
+@pytest.mark.slow  # a torchrun subprocess: ~15-20 s
+def test_a_checkpoint_of_one_process_resumes_under_two_ranks(data, killed, whole, tmp_path):
+    """The killed run was one process; two ranks (2 images each) go on from its checkpoint on
+    the same curve: the random states restored are the CPU's and this device's only."""
+    runs = tmp_path / "runs"
+    path = resumable(killed, runs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "lsq", "--runs-dir", str(runs), *six_steps(data), "--resume", str(path)]
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = only_run(runs)
+    assert resumed.info.status == "complete"
+    assert resumed.info.meta["resumes"] == [{"step": 3, "world_size": 2, "lr": {}}]
+    assert resumed.info.meta["world_size_last"] == 2
+    np.testing.assert_allclose(losses(resumed), losses(whole), rtol=1e-4)
+    assert_same_state(resumed, whole, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # the killed run, then a resumed run in this process
+def test_new_learning_rates_on_resume_take_over_from_the_step_reached(
+    data, killed, tmp_path, capsys
+):
+    """After a divergence one resumes with lower rates: the cosine schedule goes on from the
+    step reached with the new base rate; it is said, and recorded in the run's meta."""
+    runs = tmp_path / "runs"
+    resumable(killed, runs)
+    assert main(["--runs-dir", str(runs), *six_steps(data, "--lr", "2e-05"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "learning rates changed on resume at step 3: lr_weights 1e-05 -> 2e-05" in out
+    run = only_run(runs)
+    assert run.info.status == "complete"
+    assert run.info.meta["resumes"] == [
+        {"step": 3, "world_size": 1, "lr": {"lr_weights": [1e-05, 2e-05]}}
+    ]
+    m = run.tables["metrics"].set_index("step")
+    for step in range(1, 7):
+        cosine = (1 + math.cos(math.pi * step / 6)) / 2  # the rates logged after step s of 6
+        base = 1e-5 if step <= 3 else 2e-5
+        assert m.loc[step, "lr_weights"] == pytest.approx(base * cosine, rel=1e-9), step
+        assert m.loc[step, "lr_quant"] == pytest.approx(3e-4 * cosine, rel=1e-9), step  # as given
 
 
 def refused(capsys, argv: list[str]) -> str:
@@ -205,7 +296,7 @@ def refused(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_bad_input_is_refused_in_words(data, killed, tmp_path, capsys):
+def test_bad_input_is_refused_in_words(data, tmp_path, capsys):
     runs = tmp_path / "runs"
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -224,19 +315,140 @@ def test_bad_input_is_refused_in_words(data, killed, tmp_path, capsys):
     err = refused(capsys, [*argv, "--resume"])
     assert "nothing to resume" in err and "test_efficientnet" in err
 
-    (run,) = list_runs(killed)
-    err = refused(capsys, [*argv, "--model", "bundled", "--resume", str(run.path)])
-    assert "from another setup: model test_efficientnet there, tf_efficientnet_lite0 here" in err
-    err = refused(capsys, [*argv, "--w-bits", "3", "--resume", str(run.path)])
-    assert "quantization lsq+ W4A4 there, lsq+ W3A4 here" in err
     other = Run.create("resnet18", QuantConfig(), root=tmp_path / "others")  # e.g. an app run
     err = refused(capsys, [*argv, "--resume", str(other.path)])
     assert "was not made by `lsq train`, so there is nothing to resume" in err
-    early = shutil.copytree(run.path, tmp_path / "others" / "early")
-    shutil.rmtree(early / "checkpoints")
-    err = refused(capsys, [*argv, "--resume", str(early)])
-    assert "has no checkpoint to resume from yet" in err
-    done = shutil.copytree(run.path, tmp_path / "others" / "done")
-    Run(done, run.started).finish("complete")
-    assert "is complete: nothing to resume" in refused(capsys, [*argv, "--resume", str(done)])
     assert list_runs(runs) == []  # nothing was started
+
+
+@pytest.mark.slow  # needs the killed run (a subprocess)
+def test_a_checkpoint_of_another_setup_is_refused_naming_each_difference(
+    data, killed, tmp_path, capsys
+):
+    (run,) = list_runs(killed)
+    argv = ["--runs-dir", str(tmp_path / "runs"), *six_steps(data), "--resume", str(run.path)]
+    err = refused(capsys, [*argv, "--model", "bundled"])
+    assert "from another setup: model test_efficientnet there, tf_efficientnet_lite0 here" in err
+    err = refused(capsys, [*argv, "--w-bits", "3"])
+    assert "quantization lsq+ W4A4 there, lsq+ W3A4 here" in err
+    # A seed changes the data order mid-epoch; the weight decay is restored from the optimizer
+    # state, so a new one would be silently ignored: both named, in one line.
+    err = refused(capsys, [*argv, "--seed", "1", "--weight-decay", "0.01"])
+    assert "seed 0 there, 1 here; weight decay 0.0 there, 0.01 here." in err
+    assert "only the learning rates may change on resume" in err
+    copy = shutil.copytree(data / "train", tmp_path / "moved" / "train")
+    err = refused(capsys, [*argv, "--data", str(copy)])
+    assert f"training folder {data / 'train'} there, {copy} here" in err
+    err = refused(capsys, [*argv[:-2], "--steps", "5", "--resume", str(run.path)])
+    assert "steps 6 there, 5 here" in err
+
+    others = tmp_path / "others"
+    early = resumable(killed, others)
+    shutil.rmtree(early / "checkpoints")
+    err = refused(capsys, [*argv[:-1], str(early)])
+    assert "has no checkpoint to resume from yet" in err
+    done = shutil.copytree(run.path, others / "done")
+    Run(done, run.started).finish("complete")
+    assert "is complete: nothing to resume" in refused(capsys, [*argv[:-1], str(done)])
+    assert list_runs(tmp_path / "runs") == []  # nothing was started
+
+
+@pytest.mark.slow  # needs the killed run (a subprocess)
+def test_a_run_that_is_being_written_is_not_resumed(data, killed, tmp_path, capsys):
+    """A run whose writer lives (its status says so on this host, or it holds the lock) is
+    refused, and so is one locked from another host, whose process cannot be checked; the
+    run is left as it was."""
+    runs = tmp_path / "runs"
+    argv = ["--runs-dir", str(runs), *six_steps(data), "--resume"]
+    live = resumable(killed, runs)
+    started = list_runs(runs)[0].started
+    Run(live, started).set_status("running", "training")  # this process: alive
+
+    err = refused(capsys, argv)  # the newest unfinished run: this one
+    assert f"run {live.name} is running (pid {os.getpid()} on this host)" in err
+    assert "resuming it would write the same run twice" in err
+    assert "is running" in refused(capsys, [*argv, str(live)])
+
+    for name, holder in (
+        ("here", {"host": socket.gethostname(), "pid": os.getpid()}),
+        ("elsewhere", {"host": "node-7", "pid": 4242}),
+    ):
+        path = resumable(killed, tmp_path / name)  # incomplete: its writer is gone
+        (path / ".lock").write_text(json.dumps(holder))
+        err = refused(capsys, [*argv, str(path)])
+        assert f"is locked by pid {holder['pid']} on {holder['host']}" in err
+        assert "delete the lock file and resume again" in err
+        assert json.loads((path / ".lock").read_text()) == holder  # left alone
+        (info,) = list_runs(tmp_path / name)
+        assert info.status == "incomplete"
+    assert list_runs(runs)[0].status == "running"
+
+
+@pytest.mark.slow  # needs the killed run (a subprocess)
+def test_a_damaged_checkpoint_is_refused_in_one_line(data, killed, tmp_path, capsys):
+    path = resumable(killed, tmp_path / "runs")
+    (ckpt,) = (path / "checkpoints").iterdir()
+    good = torch.load(ckpt, weights_only=True)
+    argv = ["--runs-dir", str(tmp_path / "runs"), *six_steps(data), "--resume", str(path)]
+
+    def spoil(change) -> str:
+        state = {**good, "rng": dict(good["rng"]), "optimizer": dict(good["optimizer"])}
+        change(state)
+        torch.save(state, ckpt)
+        return refused(capsys, argv)
+
+    cases = [
+        (lambda s: s.pop("scheduler"), "it has no 'scheduler'"),
+        (lambda s: s.pop("fingerprint"), "it has no 'fingerprint'"),
+        (lambda s: s.update(fingerprint=["model"]), "'fingerprint' is not a dict of settings"),
+        (lambda s: s.update(step="3"), "'step' is not a step number from 1"),
+        (lambda s: s.update(rows={"step": 1}), "'rows' is not a list of curve rows"),
+        (lambda s: s.update(trajectories=[1, 2]), "'trajectories' is not a list"),
+        (lambda s: s.update(seconds=float("nan")), "'seconds' is not a number of seconds"),
+        (lambda s: s["rng"].update(numpy=[1, 2]), "'rng' is not random states"),
+        (lambda s: s["rng"].update(cuda=[torch.zeros(8, dtype=torch.uint8)] * 2), "'rng'"),
+        (lambda s: s["optimizer"].pop("param_groups"), "'optimizer' is not an optimizer state"),
+        (lambda s: s.update(model={"x": 1}), "'model' is not a dict of tensors"),
+        (lambda s: s.update(step=6), "step 6 is not before the run's end, 6"),
+    ]
+    for change, words in cases:
+        err = spoil(change)
+        assert f"the checkpoint {ckpt} is damaged or was not written by `lsq train`" in err, err
+        assert words in err and "delete it to resume from the one before" in err, err
+    err = spoil(lambda s: s.update(format=1))
+    assert "has format 1; this version of `lsq train` reads format 2" in err
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    assert f"the checkpoint {ckpt} cannot be read" in refused(capsys, argv)
+    (info,) = list_runs(tmp_path / "runs")
+    assert info.status == "incomplete"  # refused before anything was written
+
+
+def test_a_start_that_fails_marks_the_run_failed(data, tmp_path, capsys, monkeypatch):
+    """A failure after the run folder exists (here: building the optimizer, writing the first
+    table) ends the run as failed with the error, not as running forever; the lock goes."""
+
+    def no_optimizer(*args, **kwargs):
+        raise LSQError("no memory left for the optimizer's state")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "make_optimizer", no_optimizer)
+        runs = tmp_path / "a"
+        err = refused(capsys, ["--runs-dir", str(runs), *train_args(data)])
+        assert err == "error: no memory left for the optimizer's state"
+    run = only_run(runs)
+    assert run.info.status == "failed"
+    assert run.info.message == "LSQError: no memory left for the optimizer's state"
+    assert not (run.info.path / ".lock").exists()
+
+    def disk_full(self, name, df):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Run, "write_table", disk_full)
+        runs = tmp_path / "b"
+        with pytest.raises(OSError, match="No space left"):
+            main(["--runs-dir", str(runs), *train_args(data)])
+    run = only_run(runs)
+    assert run.info.status == "failed"
+    assert "No space left on device" in run.info.message
+    assert not (run.info.path / ".lock").exists()

@@ -48,6 +48,16 @@ def write_folder(root: Path, classes: dict[str, int], start: int = 0) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Runs in this process compare with torchrun's ranks, which have one thread each: another
+    thread count sums in another order, and quantization turns that into different steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("folder")

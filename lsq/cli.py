@@ -507,7 +507,11 @@ def cmd_train(args) -> int:
     recon = None
     if args.reconstruct:
         recon = ReconstructConfig(
-            iters=args.reconstruct, seed=args.seed, device=args.device, compile=not args.eager
+            iters=args.reconstruct,
+            weight_init=args.recon_weight_init,
+            seed=args.seed,
+            device=args.device,
+            compile=not args.eager,
         )
     cfg = FolderQATConfig(
         data=args.data,
@@ -596,6 +600,12 @@ def _add_train(sub) -> None:
     t.add_argument("--calib", type=_int, default=d.calib_images, help="calibration images")
     t.add_argument(
         "--reconstruct", type=_int, default=0, help="block-wise reconstruction iterations per unit"
+    )
+    t.add_argument(
+        "--recon-weight-init",
+        choices=RECON_WEIGHT_INITS,
+        default=RECON.weight_init,
+        help="weight ranges reconstruction starts from ('mse': searched first; 'keep': the init's)",
     )
     t.add_argument("--ckpt-every", type=_int, default=d.ckpt_every, help="checkpoint every N steps")
     t.add_argument("--keep", type=_int, default=d.keep, help="checkpoints kept (default 3)")

@@ -282,7 +282,8 @@ def _train_cfg(args, steps: int) -> TrainConfig:
     )
 
 
-def _recon_cfg(args) -> ReconstructConfig | None:
+def _recon_cfg(args, bf16: bool) -> ReconstructConfig | None:
+    """The reconstruction ``run``, ``compare`` and ``train`` ask for, or None (no --reconstruct)."""
     if not args.reconstruct:
         return None
     return ReconstructConfig(
@@ -290,7 +291,7 @@ def _recon_cfg(args) -> ReconstructConfig | None:
         weight_init=args.recon_weight_init,
         seed=args.seed,
         device=args.device,
-        bf16=args.bf16,
+        bf16=bf16,
         compile=not args.eager,
     )
 
@@ -336,7 +337,7 @@ def cmd_run(args) -> int:
     steps = whole_number(TRAIN.steps if args.steps is None else args.steps, "--steps", 0)
     config = run_config(args)
     train_cfg = _train_cfg(args, steps) if steps > 0 else None
-    recon_cfg = _recon_cfg(args)  # validated before the model loads
+    recon_cfg = _recon_cfg(args, bf16=args.bf16)  # validated before the model loads
     bench, progress, bar = _prepare(args)
     result = init_method(bench, config, progress)
     bar.close()
@@ -398,7 +399,7 @@ def cmd_compare(args) -> int:
         make_config("lsq+", b, b)  # validates
     steps = whole_number(0 if args.steps is None else args.steps, "--steps", 0)
     train_cfg = _train_cfg(args, steps) if steps else None
-    recon_cfg = _recon_cfg(args)
+    recon_cfg = _recon_cfg(args, bf16=args.bf16)
     bench, progress, bar = _prepare(args)
     table = compare(
         bench, args.methods, args.bits, train_cfg, progress, args.weight_init, recon_cfg
@@ -504,15 +505,7 @@ def cmd_export(args) -> int:
 def cmd_train(args) -> int:
     from lsq.distributed import FolderQATConfig, train_folder
 
-    recon = None
-    if args.reconstruct:
-        recon = ReconstructConfig(
-            iters=args.reconstruct,
-            weight_init=args.recon_weight_init,
-            seed=args.seed,
-            device=args.device,
-            compile=not args.eager,
-        )
+    recon = _recon_cfg(args, bf16=False)  # reconstruction in float32, as before
     cfg = FolderQATConfig(
         data=args.data,
         val=args.val,

@@ -91,7 +91,7 @@ from lsq.train import (
     resolve_device,
     weight_codes,
 )
-from lsq.validate import whole_number
+from lsq.validate import finite_number, whole_number
 
 #: ``meta["kind"]`` of runs written here; ``--resume`` only picks these up.
 KIND = "folder-qat"
@@ -192,9 +192,9 @@ class FolderQATConfig:
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
         for name in ("lr_weights", "lr_weight_quant", "lr_act_quant", "momentum"):
-            _check_number(getattr(self, name), name, 1e6)
-        _check_number(self.weight_decay, "weight_decay", 1.0)
-        _check_number(self.distill, "distill", 1e3)
+            finite_number(getattr(self, name), name, 0, 1e6)
+        finite_number(self.weight_decay, "weight_decay", 0, 1.0)
+        finite_number(self.distill, "distill", 0, 1e3)
         if self.distill and self.new_head:
             raise LSQError(
                 "distillation needs the float model's own classifier, and a new head has none "
@@ -206,12 +206,6 @@ class FolderQATConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _check_number(value: object, name: str, hi: float) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not 0 <= value <= hi:
-        raise LSQError(f"{name} must be a number from 0 to {hi:g}, got {value!r}")
 
 
 @dataclass

@@ -15,7 +15,6 @@ last good state. Only the current unit's float and quantized inputs are held in 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from lsq.train import (
     param_groups,
     resolve_device,
 )
+from lsq.validate import finite_number
 
 #: Containers whose children timm runs one after another as the network's blocks.
 BLOCK_CONTAINERS = ("blocks", "layer1", "layer2", "layer3", "layer4", "stages", "features")
@@ -84,14 +84,8 @@ class ReconstructConfig:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
                 raise LSQError(f"{name} must be a whole number from 1 to {hi}, got {v!r}")
         for name in ("lr_weights", "lr_other", "lr_weight_quant", "lr_act_quant"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise LSQError(f"{name} must be a finite number, got {v!r}")
-            if not 0 <= v <= 1e6:
-                raise LSQError(f"{name} must be from 0 to 1e6, got {v}")
-        p = self.drop_prob
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise LSQError(f"drop_prob must be a number from 0 to 1, got {p!r}")
+            finite_number(getattr(self, name), name, 0, 1e6)
+        finite_number(self.drop_prob, "drop_prob", 0, 1)
         if self.weight_init not in RECON_WEIGHT_INITS:
             raise LSQError(
                 f"weight_init must be one of {', '.join(RECON_WEIGHT_INITS)}, "

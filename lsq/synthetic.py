@@ -16,7 +16,6 @@ per model, resolution, count and seed, so the cost is paid once.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from lsq.errors import LSQError
 from lsq.runs import _atomic_write
 from lsq.train import resolve_device
+from lsq.validate import finite_number
 
 #: progress(done, total): images finished so far.
 Progress = Callable[[int, int], None]
@@ -60,11 +60,7 @@ class SynthConfig:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise LSQError(f"synthetic {name} must be a whole number from {lo} to {hi}")
         for name in ("lr", "ce_weight", "tv_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise LSQError(f"synthetic {name} must be a finite number, got {v!r}")
-            if v < 0:
-                raise LSQError(f"synthetic {name} must not be negative, got {v}")
+            finite_number(getattr(self, name), f"synthetic {name}", 0)
 
 
 class BNStatsLoss:

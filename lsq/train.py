@@ -9,7 +9,6 @@ loop, so it can draw progress, stop between steps, or run it in a thread.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
 from lsq.quantizers import SCALE_FLOOR, Quantizer, project_scales_, set_kernels
+from lsq.validate import finite_number
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -77,11 +77,7 @@ class TrainConfig:
         if self.steps > 100_000:
             raise LSQError(f"steps must be at most 100000, got {self.steps}")
         for name in ("lr_weights", "lr_weight_quant", "lr_act_quant", "weight_decay", "momentum"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise LSQError(f"{name} must be a finite number, got {v!r}")
-            if v < 0 or (name.startswith("lr") and v > 1e6):
-                raise LSQError(f"{name} must be from 0 to 1e6, got {v}")
+            finite_number(getattr(self, name), name, 0, 1e6 if name.startswith("lr") else None)
         if self.optimizer not in OPTIMIZERS:
             raise LSQError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"

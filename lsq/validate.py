@@ -1,7 +1,9 @@
-"""One check for the whole numbers a user types: type, bounds, and a message that says both."""
+"""One check each for the numbers a user types (whole, or any finite number): type, bounds, and a
+message that says both."""
 
 from __future__ import annotations
 
+import math
 import operator
 
 from lsq.errors import LSQError
@@ -34,3 +36,22 @@ def whole_number(value: object, name: str, lo: int | None = None, hi: int | None
     if number is None or (lo is not None and number < lo) or (hi is not None and number > hi):
         raise LSQError(f"{name} must be {wanted}, got {value!r}")
     return number
+
+
+def finite_number(
+    value: object, name: str, lo: float | None = None, hi: float | None = None
+) -> float | int:
+    """``value`` unchanged if it is a finite int or float within [lo, hi] (either bound optional).
+
+    Booleans, NaN, infinities and text are refused ("lr must be a finite number, got nan"), and so
+    is a number out of bounds ("weight_decay must be from 0 to 1, got 2.0").
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LSQError(f"{name} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if lo is not None and hi is not None:
+            wanted = f"from {lo:g} to {hi:g}"
+        else:
+            wanted = f"at least {lo:g}" if lo is not None else f"at most {hi:g}"
+        raise LSQError(f"{name} must be {wanted}, got {value!r}")
+    return value

@@ -134,3 +134,26 @@ def test_whole_number_refuses_in_words(value, lo, hi, words):
     with pytest.raises(LSQError) as caught:
         whole_number(value, "n", lo, hi)
     assert words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "value, lo, hi, words",
+    [
+        (True, 0, 1, "x must be a finite number, got True"),
+        (float("nan"), 0, 1, "x must be a finite number, got nan"),
+        (float("inf"), None, None, "x must be a finite number, got inf"),
+        ("0.1", 0, 1, "x must be a finite number, got '0.1'"),
+        (-1e-9, 0, 1e6, "x must be from 0 to 1e+06, got -1e-09"),
+        (1.5, 0, 1, "x must be from 0 to 1, got 1.5"),
+        (-2, 0, None, "x must be at least 0, got -2"),
+        (3, None, 2, "x must be at most 2, got 3"),
+    ],
+)
+def test_finite_number_refuses_in_words(value, lo, hi, words):
+    from lsq.validate import finite_number
+
+    with pytest.raises(LSQError) as caught:
+        finite_number(value, "x", lo, hi)
+    assert str(caught.value) == words
+    for ok in (0, 0.5, 1):  # inside the bounds, unchanged
+        assert finite_number(ok, "x", 0, 1) is ok

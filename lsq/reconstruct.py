@@ -40,6 +40,10 @@ from lsq.validate import finite_number
 BLOCK_CONTAINERS = ("blocks", "layer1", "layer2", "layer3", "layer4", "stages", "features")
 HEAD = "forward_head"
 RECON_WEIGHT_INITS = ("mse", "keep")
+#: How a unit's quantized weights are learned: "ste" trains the float weights through the
+#: straight-through rounding; "learned" keeps them and the weight scales fixed and learns, per
+#: weight, whether it rounds down or up (AdaRound, Nagel et al. 2020, as BRECQ and QDrop do).
+ROUNDINGS = ("ste", "learned")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,18 @@ class ReconstructConfig:
     #: bundled model at W4A4 (160 px, 80 iterations, seed 0, agreement / KL): from LSQ+'s 3 sigma
     #: ranges 0.73 / 0.61 (0.83 / 0.44 on 2 threads), from the MSE ranges 0.81 / 0.39.
     weight_init: str = "mse"
+    #: "ste" or "learned" (``ROUNDINGS``). With "learned" the weights and weight scales stay
+    #: fixed and each weight's rounding direction is learned: its soft value is
+    #: ``s * clamp(floor(w/s) + h(V), n, p)`` with the rectified sigmoid
+    #: ``h(V) = clamp(sigmoid(V) * 1.2 - 0.1, 0, 1)``, started at the weight's own fraction, and a
+    #: regulariser ``sum(1 - |2h - 1|^beta)`` pushes every h to 0 or 1 (beta annealed from 20 to
+    #: 2 after ``round_warmup`` of the iterations); the unit ends with h rounded to 0 or 1.
+    rounding: str = "ste"
+    lr_rounding: float = 1e-2  # Adam's rate for V (absolute: V is about +-2.4 at the start)
+    #: Weight of the rounding regulariser (its mean over the unit's weights), as a multiple of
+    #: the unit's output error at the start.
+    round_reg: float = 1.0
+    round_warmup: float = 0.2  # share of a unit's iterations before the regulariser starts
     seed: int = 0
     device: str = "auto"
     bf16: bool = False
@@ -86,6 +102,11 @@ class ReconstructConfig:
         for name in ("lr_weights", "lr_other", "lr_weight_quant", "lr_act_quant"):
             finite_number(getattr(self, name), name, 0, 1e6)
         finite_number(self.drop_prob, "drop_prob", 0, 1)
+        finite_number(self.lr_rounding, "lr_rounding", 0, 1e6)
+        finite_number(self.round_reg, "round_reg", 0, 1e6)
+        finite_number(self.round_warmup, "round_warmup", 0, 1)
+        if self.rounding not in ROUNDINGS:
+            raise LSQError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.weight_init not in RECON_WEIGHT_INITS:
             raise LSQError(
                 f"weight_init must be one of {', '.join(RECON_WEIGHT_INITS)}, "
@@ -288,6 +309,70 @@ def _eval_loss(unit, model, x, target, is_logits, batch) -> float:
     return total / len(x)
 
 
+class LearnedRounding(nn.Module):
+    """AdaRound's soft rounding of one layer's weights, for the duration of one unit.
+
+    The weight ``w`` and its quantizer's (per-channel) scale ``s`` stay fixed; the learned
+    ``V`` decides, per weight, between ``floor(w/s)`` and the level above:
+    ``w_soft = s * clamp(floor(w/s) + h(V), n, p)`` with ``h(V) = clamp(sigmoid(V)(zeta - gamma)
+    + gamma, 0, 1)``, zeta = 1.1, gamma = -0.1 (Nagel et al. 2020, eq. 23). ``V`` starts where
+    ``h`` equals the weight's fraction, so the soft weight starts at the (clipped) float weight.
+    ``hard()`` is the quantized weight with every ``h`` rounded to 0 or 1: a point of the
+    quantizer's grid, which the quantizer itself then reproduces exactly.
+    """
+
+    ZETA, GAMMA = 1.1, -0.1
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        q, w = layer.weight_quant, layer.layer.weight.detach()
+        s = q._broadcast(q.effective_scale().detach(), w.dim())
+        self.qmin, self.qmax = q.qmin, q.qmax
+        self.register_buffer("s", s.clone())
+        self.register_buffer("floor", torch.floor(w / s))
+        frac = (w / s - self.floor).clamp(1e-4, 1 - 1e-4)
+        p = (frac - self.GAMMA) / (self.ZETA - self.GAMMA)
+        self.v = nn.Parameter(torch.log(p / (1 - p)))
+
+    def h(self) -> Tensor:
+        return (torch.sigmoid(self.v) * (self.ZETA - self.GAMMA) + self.GAMMA).clamp(0, 1)
+
+    def forward(self) -> Tensor:  # noqa: D102
+        return self.s * torch.clamp(self.floor + self.h(), self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def hard(self) -> Tensor:
+        up = (self.v >= 0).to(self.s.dtype)
+        return self.s * torch.clamp(self.floor + up, self.qmin, self.qmax)
+
+    def regulariser(self, beta: float) -> Tensor:
+        """``sum(1 - |2h - 1|^beta)``: zero when every h is 0 or 1."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+def round_beta(it: int, iters: int, warmup: float) -> float | None:
+    """The regulariser's exponent at iteration ``it``: None during the warm-up, then annealed
+    linearly from 20 to 2 (BRECQ's schedule)."""
+    start = int(warmup * iters)
+    if it < start:
+        return None
+    t = (it - start) / max(iters - start, 1)
+    return 2.0 + (20.0 - 2.0) * (1.0 - t)
+
+
+def _learned_rounding(unit: Unit, model: nn.Module) -> dict[str, LearnedRounding]:
+    """A LearnedRounding for every enabled weight quantizer of the unit (not first/last-bit
+    layers excepted: every quantized weight), attached with a forward hook that replaces the
+    quantizer's output by the soft weight."""
+    out = {}
+    for name in unit.layers:
+        layer = model.get_submodule(name)
+        q = layer.weight_quant
+        if q.enabled and bool(q.initialized) and q.offset is None:
+            out[name] = LearnedRounding(layer).to(layer.layer.weight.device)
+    return out
+
+
 def reconstruct(
     model: nn.Module,
     teacher: nn.Module,
@@ -340,65 +425,41 @@ def reconstruct(
             relative_weights=cfg.relative_weight_lr,
             lr_other=cfg.lr_other,
         )
-        event = None
-        if groups:
-            opt = make_optimizer(groups, "adam")
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
-            params = [p for g in groups for p in g["params"]]
-            start_state = [p.detach().clone() for p in params]
-            for it in range(cfg.iters):
-                step = k * cfg.iters + it
-                if should_stop is not None and should_stop():
-                    yield ReconstructEvent(
-                        "stopped", unit.name, k, len(units), step, total,
-                        seconds=time.perf_counter() - start, message="stopped by the user",
-                    )  # fmt: skip
-                    return
-                idx = torch.randint(n, (min(batch, n),), generator=gen).to(device)
-                xq, xf = x_q[idx], x_fp[idx]
-                if cfg.drop_prob > 0 and k > 0:
-                    keep_float = torch.rand(xq.shape, generator=gen).to(device) < cfg.drop_prob
-                    xq = torch.where(keep_float, xf, xq)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                    out = unit.run(model, xq)
-                loss = _unit_loss(out, target[idx], is_logits)
-                if not torch.isfinite(loss.detach()):
-                    yield ReconstructEvent(
-                        "error", unit.name, k, len(units), step, total,
-                        loss=float(loss.detach()), seconds=time.perf_counter() - start,
-                        message=f"loss became {float(loss.detach())} in unit {unit.name} at "
-                        f"iteration {it + 1}; stopped with the last good state. Lower the "
-                        "learning rates.",
-                    )  # fmt: skip
-                    return
-                good = [p.detach().clone() for p in params]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer_step(opt)
-                project_scales_(model)
-                sched.step()
-                if not all(torch.isfinite(p).all() for p in params):
-                    with torch.no_grad():
-                        for p, g in zip(params, good, strict=True):
-                            p.copy_(g)
-                    yield ReconstructEvent(
-                        "error", unit.name, k, len(units), step + 1, total,
-                        seconds=time.perf_counter() - start,
-                        message=f"parameters of unit {unit.name} became non-finite; the last "
-                        "good state was kept. Lower the learning rates.",
-                    )  # fmt: skip
-                    return
-                event = ReconstructEvent(
-                    "step", unit.name, k, len(units), step + 1, total,
-                    loss=float(loss.detach()), seconds=time.perf_counter() - start,
-                )  # fmt: skip
-                yield event
+        rounders = _learned_rounding(unit, model) if cfg.rounding == "learned" else {}
+        if rounders:  # the weights and their scales stay; V learns the rounding
+            groups = [g for g in groups if g["name"] not in ("weights", "weight_quant")]
+            groups.append(
+                {"params": [r.v for r in rounders.values()], "lr": cfg.lr_rounding, "name": "v"}
+            )
+        params = [p for g in groups for p in g["params"]]
+        start_state = [p.detach().clone() for p in params]
+        start_weights = [model.get_submodule(n).layer.weight.detach().clone() for n in rounders]
+        hooks = [
+            model.get_submodule(n).weight_quant.register_forward_hook(lambda m, i, o, r=r: r())
+            for n, r in rounders.items()
+        ]
+        clock = (start, k, len(units), total)
+        try:
+            ended = yield from _train_unit(
+                unit, model, groups, rounders, before, (x_q, x_fp, target), is_logits, cfg, gen,
+                use_bf16, should_stop, clock,
+            )  # fmt: skip
+        finally:  # also when stopped or closed mid-unit: the weights take the rounding so far
+            for h in hooks:
+                h.remove()
+            with torch.no_grad():
+                for n, r in rounders.items():
+                    model.get_submodule(n).layer.weight.copy_(r.hard())
+        if ended:
+            return
         after = _eval_loss(unit, model, x_q, target, is_logits, batch)
         note = ""
         if groups and after > before:  # no better than its start: keep the start
             with torch.no_grad():
                 for p, g in zip(params, start_state, strict=True):
                     p.copy_(g)
+                for n, w in zip(rounders, start_weights, strict=True):
+                    model.get_submodule(n).layer.weight.copy_(w)
             after, note = before, "no better than its start: kept the starting state"
         yield ReconstructEvent(
             "unit", unit.name, k, len(units), (k + 1) * cfg.iters, total,
@@ -412,6 +473,75 @@ def reconstruct(
         "done", units[-1].name, len(units) - 1, len(units), total, total,
         seconds=time.perf_counter() - start, message="finished",
     )  # fmt: skip
+
+
+def _train_unit(
+    unit, model, groups, rounders, before, data, is_logits, cfg, gen, use_bf16, should_stop, clock
+) -> Iterator[ReconstructEvent]:
+    """One unit's iterations; returns True when reconstruction must end (stopped, or an error
+    after which the last good state was restored)."""
+    start, k, n_units, total = clock
+    x_q, x_fp, target = data
+    if not groups:
+        return False
+    device = x_q.device
+    n, batch = len(x_q), cfg.batch_size
+    opt = make_optimizer(groups, "adam")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
+    params = [p for g in groups for p in g["params"]]
+    n_rounded = sum(r.v.numel() for r in rounders.values())
+    for it in range(cfg.iters):
+        step = k * cfg.iters + it
+        if should_stop is not None and should_stop():
+            yield ReconstructEvent(
+                "stopped", unit.name, k, n_units, step, total,
+                seconds=time.perf_counter() - start, message="stopped by the user",
+            )  # fmt: skip
+            return True
+        idx = torch.randint(n, (min(batch, n),), generator=gen).to(device)
+        xq, xf = x_q[idx], x_fp[idx]
+        if cfg.drop_prob > 0 and k > 0:
+            keep_float = torch.rand(xq.shape, generator=gen).to(device) < cfg.drop_prob
+            xq = torch.where(keep_float, xf, xq)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            out = unit.run(model, xq)
+        rec = _unit_loss(out, target[idx], is_logits)
+        loss = rec
+        beta = round_beta(it, cfg.iters, cfg.round_warmup) if rounders else None
+        if beta is not None:
+            reg = sum(r.regulariser(beta) for r in rounders.values()) / n_rounded
+            loss = rec + cfg.round_reg * before * reg
+        if not torch.isfinite(loss.detach()):
+            yield ReconstructEvent(
+                "error", unit.name, k, n_units, step, total,
+                loss=float(loss.detach()), seconds=time.perf_counter() - start,
+                message=f"loss became {float(loss.detach())} in unit {unit.name} at "
+                f"iteration {it + 1}; stopped with the last good state. Lower the "
+                "learning rates.",
+            )  # fmt: skip
+            return True
+        good = [p.detach().clone() for p in params]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer_step(opt)
+        project_scales_(model)
+        sched.step()
+        if not all(torch.isfinite(p).all() for p in params):
+            with torch.no_grad():
+                for p, g in zip(params, good, strict=True):
+                    p.copy_(g)
+            yield ReconstructEvent(
+                "error", unit.name, k, n_units, step + 1, total,
+                seconds=time.perf_counter() - start,
+                message=f"parameters of unit {unit.name} became non-finite; the last "
+                "good state was kept. Lower the learning rates.",
+            )  # fmt: skip
+            return True
+        yield ReconstructEvent(
+            "step", unit.name, k, n_units, step + 1, total,
+            loss=float(rec.detach()), seconds=time.perf_counter() - start,
+        )  # fmt: skip
+    return False
 
 
 @torch.no_grad()

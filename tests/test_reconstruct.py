@@ -159,6 +159,10 @@ def test_bad_config_is_refused_in_words():
         ReconstructConfig(iters=0)
     with pytest.raises(LSQError, match="weight_init must be one of mse, keep"):
         ReconstructConfig(weight_init="3sigma")
+    with pytest.raises(LSQError, match="rounding must be one of ste, learned"):
+        ReconstructConfig(rounding="adaround")
+    with pytest.raises(LSQError, match="round_warmup"):
+        ReconstructConfig(round_warmup=2.0)
 
 
 @pytest.mark.parametrize("choice", ["mse", "keep"])
@@ -197,6 +201,99 @@ def test_relative_step_moves_every_scale_by_the_same_fraction():
     optimizer_step(opt)
     ratio = (q.scale.detach() - old).abs() / old
     assert torch.allclose(ratio, torch.full((3,), 1e-2), rtol=1e-3)
+
+
+LEARNED = dataclasses.replace(FAST, rounding="learned", lr_rounding=5e-2)
+
+
+def test_learned_rounding_starts_at_the_float_weight_and_ends_on_floor_or_ceil():
+    """AdaRound's h(V) starts at the weight's fraction (soft weight = clipped float weight);
+    hard() rounds each weight to floor(w/s) or the level above, never further."""
+    from lsq.reconstruct import LearnedRounding
+
+    _, model = quantized(ChainNet, bits=3)
+    for name, layer in quant_layers(model).items():
+        q, w = layer.weight_quant, layer.layer.weight.detach()
+        r = LearnedRounding(layer)
+        s = q._broadcast(q.effective_scale().detach(), w.dim())
+        lo, hi = q.qmin * s, q.qmax * s
+        clipped = torch.maximum(torch.minimum(w, hi), lo)
+        assert torch.allclose(r(), clipped, atol=2e-4 * float(s.max())), name
+        with torch.no_grad():
+            r.v.normal_(0, 3)  # any learned state
+        codes = r.hard() / s
+        assert torch.allclose(codes, codes.round(), atol=1e-4), name
+        assert (codes >= q.qmin - 1e-4).all() and (codes <= q.qmax + 1e-4).all()
+        floor = torch.floor(w / s).clamp(q.qmin, q.qmax)
+        assert ((codes.round() - floor) >= 0).all() and ((codes.round() - floor) <= 1).all()
+        up = (r.v >= 0) & (torch.floor(w / s) + 1 <= q.qmax) & (torch.floor(w / s) >= q.qmin)
+        assert torch.equal(codes.round()[up], floor[up] + 1), name
+
+
+def test_rounding_regulariser_and_its_annealed_exponent():
+    """sum(1 - |2h - 1|^beta) is 0 when every h is 0 or 1; beta is None in the warm-up, then
+    falls linearly from 20 to 2."""
+    from lsq.reconstruct import LearnedRounding, round_beta
+
+    _, model = quantized(ChainNet, bits=3)
+    r = LearnedRounding(next(iter(quant_layers(model).values())))
+    with torch.no_grad():
+        r.v.copy_(torch.where(torch.rand_like(r.v) < 0.5, -20.0, 20.0))
+    assert float(r.regulariser(2.0).detach()) == 0.0
+    with torch.no_grad():
+        r.v.fill_(0.0)  # sigmoid 0.5 -> h = 0.5
+    assert float(r.regulariser(2.0).detach()) == pytest.approx(r.v.numel(), rel=1e-5)
+    assert round_beta(0, 100, 0.2) is None and round_beta(19, 100, 0.2) is None
+    assert round_beta(20, 100, 0.2) == pytest.approx(20.0)
+    assert round_beta(60, 100, 0.2) == pytest.approx(11.0)
+    assert round_beta(99, 100, 0.2) == pytest.approx(2.0 + 18.0 / 80)
+
+
+def test_learned_rounding_repairs_each_unit_and_leaves_weights_on_the_grid():
+    teacher, model = quantized(ChainNet, bits=2)
+    layers = quant_layers(model)
+    w0 = {n: ql.layer.weight.detach().clone() for n, ql in layers.items()}
+    events = list(reconstruct(model, teacher, data(64, seed=2), LEARNED))
+    assert events[-1].kind == "done"
+    frame = unit_frame(events)
+    assert (frame["after"] <= frame["before"]).all() and (frame["after"] < frame["before"]).any()
+    units = {u.name: u for u in find_units(model, data(1))}
+    kept = {n for e in events if e.kind == "unit" and e.message for n in units[e.unit].layers}
+    moved = 0
+    for n, ql in layers.items():
+        q, w = ql.weight_quant, ql.layer.weight.detach()
+        if n in kept:  # a unit that kept its start keeps its float weights
+            assert torch.equal(w, w0[n]), n
+            continue
+        s = q._broadcast(q.effective_scale().detach(), w.dim())
+        codes = w / s
+        assert torch.allclose(codes, codes.round(), atol=1e-4), n  # a point of the grid
+        floor = torch.floor(w0[n] / s).clamp(q.qmin, q.qmax)
+        assert ((codes.round() - floor) >= 0).all() and ((codes.round() - floor) <= 1).all(), n
+        nearest = (w0[n] / s).round().clamp(q.qmin, q.qmax)
+        moved += int((codes.round() != nearest).sum())
+        assert torch.equal(q(w), w)  # the quantizer reproduces the rounded weight
+    assert moved > 0  # some weights learned to round the other way
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_learned_rounding_stopped_mid_unit_leaves_rounded_weights_and_no_hooks():
+    teacher, model = quantized(ChainNet)
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > LEARNED.iters + 5
+
+    events = list(reconstruct(model, teacher, data(32), LEARNED, should_stop=stop))
+    assert events[-1].kind == "stopped" and events[-1].unit_index == 1
+    assert not any(m._forward_hooks for m in model.modules())
+    stopped_in = find_units(model, data(1))[1]
+    for name in stopped_in.layers:  # the rounding learned so far, on the grid
+        ql = quant_layers(model)[name]
+        q, w = ql.weight_quant, ql.layer.weight.detach()
+        assert torch.equal(q(w), w), name
+    assert torch.isfinite(model(data(4))).all()
 
 
 @pytest.mark.slow

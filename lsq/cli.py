@@ -26,7 +26,7 @@ from lsq.config import (
 from lsq.errors import LSQError
 from lsq.export import DEFAULT_OFFSET, FORMATS, OFFSET_ROUTES
 from lsq.pipeline import DataConfig
-from lsq.reconstruct import RECON_WEIGHT_INITS, ReconstructConfig
+from lsq.reconstruct import RECON_WEIGHT_INITS, ROUNDINGS, ReconstructConfig
 from lsq.status import Status
 from lsq.train import OPTIMIZERS, TrainConfig
 from lsq.validate import whole_number
@@ -192,6 +192,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "recipe's), 'keep' starts from the method's own init",
     )
     lb.add_argument(
+        "--recon-rounding",
+        choices=ROUNDINGS,
+        default=RECON.rounding,
+        help="how reconstruction learns the quantized weights: 'ste' trains them through the "
+        "straight-through rounding (the recipe's), 'learned' keeps them and learns each "
+        "weight's rounding direction (AdaRound; wants many iterations)",
+    )
+    lb.add_argument(
         "--recon-views",
         type=_int,
         default=DATA.recon_views,
@@ -289,6 +297,7 @@ def _recon_cfg(args, bf16: bool) -> ReconstructConfig | None:
     return ReconstructConfig(
         iters=args.reconstruct,
         weight_init=args.recon_weight_init,
+        rounding=args.recon_rounding,
         seed=args.seed,
         device=args.device,
         bf16=bf16,
@@ -599,6 +608,12 @@ def _add_train(sub) -> None:
         choices=RECON_WEIGHT_INITS,
         default=RECON.weight_init,
         help="weight ranges reconstruction starts from ('mse': searched first; 'keep': the init's)",
+    )
+    t.add_argument(
+        "--recon-rounding",
+        choices=ROUNDINGS,
+        default=RECON.rounding,
+        help="'ste': weights trained through the rounding; 'learned': AdaRound",
     )
     t.add_argument("--ckpt-every", type=_int, default=d.ckpt_every, help="checkpoint every N steps")
     t.add_argument("--keep", type=_int, default=d.keep, help="checkpoints kept (default 3)")

@@ -265,6 +265,11 @@ RECON_WEIGHT_STARTS = {
     "mse": "MSE-searched ranges (the recipe's)",
     "keep": "the method's own init",
 }
+#: How reconstruction learns the quantized weights (``ReconstructConfig.rounding``).
+RECON_ROUNDINGS = {
+    "ste": "train the weights through the rounding (the recipe's)",
+    "learned": "learn each weight's rounding direction (AdaRound)",
+}
 #: Weight bits at and below which the default recipe is block-wise reconstruction: plain QAT on
 #: a few photos leaves 4-bit weights broken (agreement 0 on the bundled model), and QAT after
 #: reconstruction made it worse in every variant measured (bench/lowbit.py --optimizers).

@@ -244,6 +244,7 @@ def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, man
     [n for n in at.number_input if n.label == "QAT steps"][0].set_value(1)
     [n for n in at.number_input if n.label.startswith("Reconstruction iter")][0].set_value(2)
     [b for b in at.selectbox if b.label.startswith("Reconstruction starts")][0].set_value("keep")
+    [b for b in at.selectbox if b.label.startswith("Reconstruction learns")][0].set_value("learned")
     at.multiselect[0].set_value(["lsq+"])
     job = click_and_wait(at, "Train", manager, "train")
     kinds = [e.kind for m, e in job.events]
@@ -262,6 +263,7 @@ def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, man
     assert (rec.label, trained.label) == ("reconstructed", "reconstructed, trained 1 step")
     assert rec.model is not trained.model and rec.metrics != trained.metrics
     assert rec.recon_config.weight_init == "keep" and rec.recon_config.iters == 2
+    assert rec.recon_config.rounding == "learned"
 
 
 def test_layers_page_tables_and_sensitivity(calibrated, manager):

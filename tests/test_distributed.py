@@ -465,8 +465,11 @@ def test_a_start_that_fails_marks_the_run_failed(data, tmp_path, capsys, monkeyp
 
 
 def test_reconstruction_before_training_takes_the_weight_start_asked_for(data, tmp_path):
-    argv = train_args(data, 1, "--reconstruct", "1", "--recon-weight-init", "keep")
+    argv = train_args(
+        data, 1, "--reconstruct", "1", "--recon-weight-init", "keep", "--recon-rounding", "learned"
+    )
     assert main(["--runs-dir", str(tmp_path), *argv]) == 0
     run = only_run(tmp_path)
     assert run.info.meta["reconstruct"]["iters"] == 1
     assert run.info.meta["reconstruct"]["weight_init"] == "keep"
+    assert run.info.meta["reconstruct"]["rounding"] == "learned"

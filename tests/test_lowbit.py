@@ -117,7 +117,8 @@ def test_cli_runs_the_low_bit_recipe(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "lsq", "run", "--resolution", "64", "--calib", "8",
          "--eval-views", "8", "--recon-views", "8", "--reconstruct", "2", "--steps", "1",
-         "--batch-size", "4", "--eager", "--recon-weight-init", "keep"],
+         "--batch-size", "4", "--eager", "--recon-weight-init", "keep",
+         "--recon-rounding", "learned"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -126,6 +127,7 @@ def test_cli_runs_the_low_bit_recipe(tmp_path):
     assert (run / "units.csv").exists()
     meta = json.loads((run / "config.json").read_text())["meta"]
     assert meta["reconstruct"]["iters"] == 2 and meta["reconstruct"]["weight_init"] == "keep"
+    assert meta["reconstruct"]["rounding"] == "learned"
     health = subprocess.run(
         [sys.executable, "-m", "lsq", "health", str(run)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

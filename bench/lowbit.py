@@ -237,7 +237,9 @@ def main() -> None:
     p.add_argument(
         "--model", default="tf_efficientnet_lite0", help="a bundled model's timm name (offline)"
     )
-    p.add_argument("--resolution", type=int, default=160)
+    p.add_argument(
+        "--resolution", type=int, default=224, help="default 224: the app's (the model's own)"
+    )
     p.add_argument("--views", dest="eval_views", type=int, default=64, help="evaluation views")
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--recon-views", type=int, default=DataConfig().recon_views)

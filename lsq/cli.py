@@ -40,7 +40,7 @@ EPILOG = """examples:
   python -m lsq run                                  # LSQ+ W4A4 on the bundled EfficientNet-Lite0
   python -m lsq run --method lsq --w-bits 8 --a-bits 4 --steps 20 --resolution 160
   python -m lsq compare --methods lsq+,lsq,lsq-signed,minmax --bits 4,2
-  python -m lsq run --w-bits 4 --a-bits 4 --reconstruct 80 --steps 20   # the low-bit recipe
+  python -m lsq run --w-bits 4 --a-bits 4 --reconstruct 60 --steps 0    # the low-bit recipe
   python -m lsq runs                                 # list saved runs
   python -m lsq health RUN                           # health checks of a saved run
   python -m lsq export RUN --format onnx             # QDQ ONNX for ONNX Runtime, with parity

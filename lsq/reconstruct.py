@@ -60,7 +60,10 @@ class ReconstructConfig:
     0.64 / 1.08; relative weights too, 0.78 / 0.75.
     """
 
-    iters: int = 80  # per unit
+    #: Per unit. 60 fits the default recipe in 5 minutes on 2 CPU cores at 224 px: on the
+    #: bundled model at W4A4 (224 px, 256 views, seed 0, agreement / KL) 60 iterations reached
+    #: 0.89 / 0.25 in 292 s and 80 reached 0.97 / 0.23 in 384 s (bench/lowbit.py --iters).
+    iters: int = 60
     batch_size: int = 32
     #: With ``relative_weight_lr``: the fraction of its quantization step a weight moves per
     #: Adam step; else an absolute rate.

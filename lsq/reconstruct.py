@@ -16,7 +16,7 @@ last good state. Only the current unit's float and quantized inputs are held in 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -368,9 +368,8 @@ def round_beta(it: int, iters: int, warmup: float) -> float | None:
 
 
 def _learned_rounding(unit: Unit, model: nn.Module) -> dict[str, LearnedRounding]:
-    """A LearnedRounding for every enabled weight quantizer of the unit (not first/last-bit
-    layers excepted: every quantized weight), attached with a forward hook that replaces the
-    quantizer's output by the soft weight."""
+    """A LearnedRounding for every enabled, initialised weight quantizer of the unit (the
+    first and last layers' too); ``reconstruct`` hooks each onto its quantizer's output."""
     out = {}
     for name in unit.layers:
         layer = model.get_submodule(name)
@@ -484,7 +483,7 @@ def reconstruct(
 
 def _train_unit(
     unit, model, groups, rounders, before, data, is_logits, cfg, gen, use_bf16, should_stop, clock
-) -> Iterator[ReconstructEvent]:
+) -> Generator[ReconstructEvent, None, bool]:
     """One unit's iterations; returns True when reconstruction must end (stopped, or an error
     after which the last good state was restored)."""
     start, k, n_units, total = clock

@@ -16,7 +16,8 @@ last good state. Only the current unit's float and quantized inputs are held in 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -379,6 +380,25 @@ def _learned_rounding(unit: Unit, model: nn.Module) -> dict[str, LearnedRounding
     return out
 
 
+@contextmanager
+def _rounding_attached(model: nn.Module, rounders: dict[str, LearnedRounding]):
+    """Each layer's weight quantizer outputs its LearnedRounding's soft weight while inside; on
+    leaving, also when the unit is stopped or closed mid-way, the hooks go and every weight
+    takes the rounding learned so far."""
+    hooks = [
+        model.get_submodule(n).weight_quant.register_forward_hook(lambda m, i, o, r=r: r())
+        for n, r in rounders.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for n, r in rounders.items():
+                model.get_submodule(n).layer.weight.copy_(r.hard())
+
+
 def reconstruct(
     model: nn.Module,
     teacher: nn.Module,
@@ -439,33 +459,71 @@ def reconstruct(
             )
         params = [p for g in groups for p in g["params"]]
         start_state = [p.detach().clone() for p in params]
-        start_weights = [model.get_submodule(n).layer.weight.detach().clone() for n in rounders]
-        hooks = [
-            model.get_submodule(n).weight_quant.register_forward_hook(lambda m, i, o, r=r: r())
-            for n, r in rounders.items()
-        ]
-        clock = (start, k, len(units), total)
-        try:
-            ended = yield from _train_unit(
-                unit, model, groups, rounders, before, (x_q, x_fp, target), is_logits, cfg, gen,
-                use_bf16, should_stop, clock,
-            )  # fmt: skip
-        finally:  # also when stopped or closed mid-unit: the weights take the rounding so far
-            for h in hooks:
-                h.remove()
-            with torch.no_grad():
-                for n, r in rounders.items():
-                    model.get_submodule(n).layer.weight.copy_(r.hard())
-        if ended:
-            return
+        start_weights = [model.get_submodule(m).layer.weight.detach().clone() for m in rounders]
+        n_rounded = sum(r.v.numel() for r in rounders.values())
+        with _rounding_attached(model, rounders):
+            if groups:
+                opt = make_optimizer(groups, "adam")
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
+            for it in range(cfg.iters if groups else 0):  # no parameters: nothing to learn
+                step = k * cfg.iters + it
+                if should_stop is not None and should_stop():
+                    yield ReconstructEvent(
+                        "stopped", unit.name, k, len(units), step, total,
+                        seconds=time.perf_counter() - start, message="stopped by the user",
+                    )  # fmt: skip
+                    return
+                idx = torch.randint(n, (min(batch, n),), generator=gen).to(device)
+                xq, xf = x_q[idx], x_fp[idx]
+                if cfg.drop_prob > 0 and k > 0:
+                    keep_float = torch.rand(xq.shape, generator=gen).to(device) < cfg.drop_prob
+                    xq = torch.where(keep_float, xf, xq)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    out = unit.run(model, xq)
+                rec = _unit_loss(out, target[idx], is_logits)
+                loss = rec
+                beta = round_beta(it, cfg.iters, cfg.round_warmup) if rounders else None
+                if beta is not None:
+                    reg = sum(r.regulariser(beta) for r in rounders.values()) / n_rounded
+                    loss = rec + cfg.round_reg * before * reg
+                if not torch.isfinite(loss.detach()):
+                    yield ReconstructEvent(
+                        "error", unit.name, k, len(units), step, total,
+                        loss=float(loss.detach()), seconds=time.perf_counter() - start,
+                        message=f"loss became {float(loss.detach())} in unit {unit.name} at "
+                        f"iteration {it + 1}; stopped with the last good state. Lower the "
+                        "learning rates.",
+                    )  # fmt: skip
+                    return
+                good = [p.detach().clone() for p in params]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer_step(opt)
+                project_scales_(model)
+                sched.step()
+                if not all(torch.isfinite(p).all() for p in params):
+                    with torch.no_grad():
+                        for p, g in zip(params, good, strict=True):
+                            p.copy_(g)
+                    yield ReconstructEvent(
+                        "error", unit.name, k, len(units), step + 1, total,
+                        seconds=time.perf_counter() - start,
+                        message=f"parameters of unit {unit.name} became non-finite; the last "
+                        "good state was kept. Lower the learning rates.",
+                    )  # fmt: skip
+                    return
+                yield ReconstructEvent(
+                    "step", unit.name, k, len(units), step + 1, total,
+                    loss=float(rec.detach()), seconds=time.perf_counter() - start,
+                )  # fmt: skip
         after = _eval_loss(unit, model, x_q, target, is_logits, batch)
         note = ""
         if groups and after > before:  # no better than its start: keep the start
             with torch.no_grad():
                 for p, g in zip(params, start_state, strict=True):
                     p.copy_(g)
-                for n, w in zip(rounders, start_weights, strict=True):
-                    model.get_submodule(n).layer.weight.copy_(w)
+                for name, w in zip(rounders, start_weights, strict=True):
+                    model.get_submodule(name).layer.weight.copy_(w)
             after, note = before, "no better than its start: kept the starting state"
         yield ReconstructEvent(
             "unit", unit.name, k, len(units), (k + 1) * cfg.iters, total,
@@ -479,75 +537,6 @@ def reconstruct(
         "done", units[-1].name, len(units) - 1, len(units), total, total,
         seconds=time.perf_counter() - start, message="finished",
     )  # fmt: skip
-
-
-def _train_unit(
-    unit, model, groups, rounders, before, data, is_logits, cfg, gen, use_bf16, should_stop, clock
-) -> Generator[ReconstructEvent, None, bool]:
-    """One unit's iterations; returns True when reconstruction must end (stopped, or an error
-    after which the last good state was restored)."""
-    start, k, n_units, total = clock
-    x_q, x_fp, target = data
-    if not groups:
-        return False
-    device = x_q.device
-    n, batch = len(x_q), cfg.batch_size
-    opt = make_optimizer(groups, "adam")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
-    params = [p for g in groups for p in g["params"]]
-    n_rounded = sum(r.v.numel() for r in rounders.values())
-    for it in range(cfg.iters):
-        step = k * cfg.iters + it
-        if should_stop is not None and should_stop():
-            yield ReconstructEvent(
-                "stopped", unit.name, k, n_units, step, total,
-                seconds=time.perf_counter() - start, message="stopped by the user",
-            )  # fmt: skip
-            return True
-        idx = torch.randint(n, (min(batch, n),), generator=gen).to(device)
-        xq, xf = x_q[idx], x_fp[idx]
-        if cfg.drop_prob > 0 and k > 0:
-            keep_float = torch.rand(xq.shape, generator=gen).to(device) < cfg.drop_prob
-            xq = torch.where(keep_float, xf, xq)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            out = unit.run(model, xq)
-        rec = _unit_loss(out, target[idx], is_logits)
-        loss = rec
-        beta = round_beta(it, cfg.iters, cfg.round_warmup) if rounders else None
-        if beta is not None:
-            reg = sum(r.regulariser(beta) for r in rounders.values()) / n_rounded
-            loss = rec + cfg.round_reg * before * reg
-        if not torch.isfinite(loss.detach()):
-            yield ReconstructEvent(
-                "error", unit.name, k, n_units, step, total,
-                loss=float(loss.detach()), seconds=time.perf_counter() - start,
-                message=f"loss became {float(loss.detach())} in unit {unit.name} at "
-                f"iteration {it + 1}; stopped with the last good state. Lower the "
-                "learning rates.",
-            )  # fmt: skip
-            return True
-        good = [p.detach().clone() for p in params]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(opt)
-        project_scales_(model)
-        sched.step()
-        if not all(torch.isfinite(p).all() for p in params):
-            with torch.no_grad():
-                for p, g in zip(params, good, strict=True):
-                    p.copy_(g)
-            yield ReconstructEvent(
-                "error", unit.name, k, n_units, step + 1, total,
-                seconds=time.perf_counter() - start,
-                message=f"parameters of unit {unit.name} became non-finite; the last "
-                "good state was kept. Lower the learning rates.",
-            )  # fmt: skip
-            return True
-        yield ReconstructEvent(
-            "step", unit.name, k, n_units, step + 1, total,
-            loss=float(rec.detach()), seconds=time.perf_counter() - start,
-        )  # fmt: skip
-    return False
 
 
 @torch.no_grad()

@@ -184,21 +184,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="iterations per unit of block-wise reconstruction before QAT (0 = none; "
         f"{RECON.iters} is the recipe's)",
     )
-    lb.add_argument(
-        "--recon-weight-init",
-        choices=RECON_WEIGHT_INITS,
-        default=RECON.weight_init,
-        help="weight ranges reconstruction starts from: 'mse' searches them first (the "
-        "recipe's), 'keep' starts from the method's own init",
-    )
-    lb.add_argument(
-        "--recon-rounding",
-        choices=ROUNDINGS,
-        default=RECON.rounding,
-        help="how reconstruction learns the quantized weights: 'ste' trains them through the "
-        "straight-through rounding (the recipe's), 'learned' keeps them and learns each "
-        "weight's rounding direction (AdaRound; wants many iterations)",
-    )
+    _add_recon_choices(lb)
     lb.add_argument(
         "--recon-views",
         type=_int,
@@ -287,6 +273,25 @@ def _train_cfg(args, steps: int) -> TrainConfig:
         device=args.device,
         bf16=args.bf16,
         compile=not args.eager,
+    )
+
+
+def _add_recon_choices(p) -> None:
+    """The reconstruction choices ``_recon_cfg`` reads, for ``run``/``compare`` and ``train``."""
+    p.add_argument(
+        "--recon-weight-init",
+        choices=RECON_WEIGHT_INITS,
+        default=RECON.weight_init,
+        help="weight ranges reconstruction starts from: 'mse' searches them first (the "
+        "recipe's), 'keep' starts from the method's own init",
+    )
+    p.add_argument(
+        "--recon-rounding",
+        choices=ROUNDINGS,
+        default=RECON.rounding,
+        help="how reconstruction learns the quantized weights: 'ste' trains them through the "
+        "straight-through rounding (the recipe's), 'learned' keeps them and learns each "
+        "weight's rounding direction (AdaRound; wants many iterations)",
     )
 
 
@@ -603,18 +608,7 @@ def _add_train(sub) -> None:
     t.add_argument(
         "--reconstruct", type=_int, default=0, help="block-wise reconstruction iterations per unit"
     )
-    t.add_argument(
-        "--recon-weight-init",
-        choices=RECON_WEIGHT_INITS,
-        default=RECON.weight_init,
-        help="weight ranges reconstruction starts from ('mse': searched first; 'keep': the init's)",
-    )
-    t.add_argument(
-        "--recon-rounding",
-        choices=ROUNDINGS,
-        default=RECON.rounding,
-        help="'ste': weights trained through the rounding; 'learned': AdaRound",
-    )
+    _add_recon_choices(t)
     t.add_argument("--ckpt-every", type=_int, default=d.ckpt_every, help="checkpoint every N steps")
     t.add_argument("--keep", type=_int, default=d.keep, help="checkpoints kept (default 3)")
     t.add_argument("--log-every", type=_int, default=d.log_every, help="log every N steps")

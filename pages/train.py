@@ -54,20 +54,26 @@ with st.form("train"):
         value=RECON.iters,
         step=10,
     )
-    recon_start = c1.selectbox(
+
+    def choice(label: str, labels: dict[str, str], default: str, help: str) -> str:
+        """One of ``labels``' keys, shown by its label, starting at ``default``."""
+        keys = list(labels)
+        return c1.selectbox(
+            label, keys, index=keys.index(default), format_func=labels.get, help=help
+        )
+
+    recon_start = choice(
         "Reconstruction starts the weights from",
-        list(RECON_WEIGHT_STARTS),
-        index=list(RECON_WEIGHT_STARTS).index(RECON.weight_init),
-        format_func=RECON_WEIGHT_STARTS.get,
-        help="The MSE search gives every layer the least weight error before its block is "
+        RECON_WEIGHT_STARTS,
+        RECON.weight_init,
+        "The MSE search gives every layer the least weight error before its block is "
         "repaired; on the bundled model at W4A4 it ended better than LSQ+'s mean +- 3 sigma.",
     )
-    rounding = c1.selectbox(
+    rounding = choice(
         "Reconstruction learns the weights by",
-        list(RECON_ROUNDINGS),
-        index=list(RECON_ROUNDINGS).index(RECON.rounding),
-        format_func=RECON_ROUNDINGS.get,
-        help="AdaRound (learned rounding) keeps each weight within one step of where it was and "
+        RECON_ROUNDINGS,
+        RECON.rounding,
+        "AdaRound (learned rounding) keeps each weight within one step of where it was and "
         "learns whether it rounds down or up, as BRECQ and QDrop do with 20,000 iterations per "
         "block. With the few iterations of this recipe, training the weights through the "
         "rounding ended better on the bundled model (W4A4 at 160 px: KL 0.43 against 0.55).",

@@ -200,3 +200,12 @@ def test_after_calibrating_other_settings_no_page_shows_the_old_results(calibrat
     assert "layers_stage" not in layers.session_state  # the new calibration has no trained stage
     # per-layer error, clipping vs rounding and histogram panels: no old sensitivity chart
     assert len(layers.get("plotly_chart")) == 3
+
+
+def test_train_page_labels_every_reconstruction_choice():
+    """The Train page labels exactly ReconstructConfig's choices (a new one needs a label)."""
+    from lsq.explorer import RECON_ROUNDINGS, RECON_WEIGHT_STARTS
+    from lsq.reconstruct import RECON_WEIGHT_INITS, ROUNDINGS
+
+    assert tuple(RECON_WEIGHT_STARTS) == RECON_WEIGHT_INITS
+    assert tuple(RECON_ROUNDINGS) == ROUNDINGS

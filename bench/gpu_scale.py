@@ -30,47 +30,15 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench.tables import markdown  # noqa: E402
 from lsq.calibrate import calibrate  # noqa: E402
 from lsq.config import make_config  # noqa: E402
 from lsq.convert import quantize_model  # noqa: E402
-from lsq.quantizers import project_scales_, set_kernels  # noqa: E402
-from lsq.train import make_optimizer, optimizer_step, param_groups  # noqa: E402
+from lsq.doctor import step_time  # noqa: E402  (one copy: `python -m lsq doctor` times it too)
+from lsq.quantizers import set_kernels  # noqa: E402
 
 MODELS = ("tf_efficientnet_lite0", "efficientnet_b0")
-
-
-def step_time(model, x, y, device, bf16: bool, warmup: int, steps: int) -> tuple[float, float]:
-    """Seconds per training step (median of ``steps`` after ``warmup``) and peak GiB."""
-    groups = param_groups([model], 1e-5, 1e-5, 3e-4)
-    opt = make_optimizer(groups, "adam")
-    cuda = device.type == "cuda"
-
-    def one():
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(opt)
-        project_scales_(model)
-
-    for _ in range(warmup):
-        one()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        one()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return sorted(times)[len(times) // 2], peak
 
 
 def step_table(models, resolution, batch, device, warmup, steps) -> pd.DataFrame:

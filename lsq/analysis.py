@@ -119,7 +119,7 @@ def layer_table(
         if progress is not None:
             progress(i, len(layers))
         aq, wq = layer.input_quant, layer.weight_quant
-        lo, hi = (float(v) for v in aq.clip_range()) if bool(aq.initialized) else (math.nan,) * 2
+        lo, hi = (float(v) for v in aq.clip_range()) if aq.ready else (math.nan,) * 2
         w = layer.layer.weight
         with switched([wq], True):
             w_sqnr = sqnr_db(w, wq(w))
@@ -147,7 +147,7 @@ def layer_table(
                 clipped_below=float((sample < lo).float().mean()) if sample.numel() else math.nan,
                 clipped_above=float((sample > hi).float().mean()) if sample.numel() else math.nan,
             )
-            if bool(aq.initialized) and sample.numel():
+            if aq.ready and sample.numel():
                 with switched([aq], True):
                     row["input_sqnr_db"] = sqnr_db(sample, aq(sample.to(aq.scale.device)).cpu())
                 off = aq.offset.detach().cpu() if aq.offset is not None else None

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lsq.config import QuantConfig
 from lsq.convert import float_mode, quant_layers, switched
+from lsq.device import generator
 from lsq.errors import LSQError
 from lsq.init import init_activation_quantizer
 
@@ -54,8 +55,12 @@ class ActStats:
             + torch.linspace(0, 1, HIST_BINS + 1, dtype=torch.float64) * self.hist_width
         )
 
-    def update(self, x: Tensor, generator: torch.Generator) -> None:
-        """Add a batch of values."""
+    def update(
+        self, x: Tensor, generator: torch.Generator, sample_generator: torch.Generator | None = None
+    ) -> None:
+        """Add a batch of values. ``generator`` (on ``x``'s device) picks the new sample values;
+        ``sample_generator`` (on the CPU, where the sample lives; default: ``generator`` when it
+        is a CPU one) picks which old ones stay."""
         x = x.detach().reshape(-1).float()
         n = x.numel()
         if n == 0:
@@ -67,7 +72,7 @@ class ActStats:
         self.sum += float(x.double().sum())
         self.negatives += int((x < 0).sum())
         self._update_hist(x, lo, hi)
-        self._update_sample(x, n, generator)
+        self._update_sample(x, n, generator, sample_generator)
         self.count += n
 
     def _update_hist(self, x: Tensor, lo: float, hi: float) -> None:
@@ -90,7 +95,9 @@ class ActStats:
         )
         self.hist += counts.double().cpu()
 
-    def _update_sample(self, x: Tensor, n: int, generator: torch.Generator) -> None:
+    def _update_sample(
+        self, x: Tensor, n: int, generator: torch.Generator, cpu: torch.Generator | None
+    ) -> None:
         # Keep a uniform sample of everything seen: old and new values in proportion to counts.
         total = self.count + n
         keep_new = min(n, max(1, round(self.sample_size * n / total)))
@@ -98,15 +105,15 @@ class ActStats:
         idx = torch.randint(n, (keep_new,), generator=generator, device=x.device)
         new = x[idx].cpu()
         if keep_old < self.sample.numel():
-            sel = torch.randperm(self.sample.numel(), generator=_cpu(generator))[:keep_old]
+            if cpu is None:
+                if generator.device.type != "cpu":
+                    raise LSQError("a sample generator on the CPU is needed with a CUDA one")
+                cpu = generator
+            sel = torch.randperm(self.sample.numel(), generator=cpu)[:keep_old]
             old = self.sample[sel]
         else:
             old = self.sample
         self.sample = torch.cat([old, new])
-
-
-def _cpu(generator: torch.Generator) -> torch.Generator | None:
-    return generator if generator.device.type == "cpu" else None
 
 
 def collect_stats(
@@ -122,11 +129,14 @@ def collect_stats(
         raise LSQError("model has no quantized layers; call quantize_model first")
     stats = {name: ActStats(sample_size=sample_size) for name in layers}
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = generator(device, seed)
+    # On the CPU one generator draws both, as it always has; with CUDA the sample's own
+    # bookkeeping (on the CPU) gets a CPU generator of the same seed, not the global one.
+    cpu_gen = gen if device.type == "cpu" else generator("cpu", seed)
 
     def hook(name: str) -> Callable:
         def pre(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            stats[name].update(inputs[0], gen)
+            stats[name].update(inputs[0], gen, cpu_gen)
 
         return pre
 

@@ -1,4 +1,4 @@
-"""Headless entry point: ``python -m lsq run|compare|runs|health|export|train``.
+"""Headless entry point: ``python -m lsq run|compare|runs|health|export|train|doctor``.
 
 Every app run can be reproduced here. Errors in the input are printed as one line and exit with
 status 2; nothing but a bug prints a traceback.
@@ -45,6 +45,7 @@ EPILOG = """examples:
   python -m lsq health RUN                           # health checks of a saved run
   python -m lsq export RUN --format onnx             # QDQ ONNX for ONNX Runtime, with parity
   torchrun --nproc_per_node=8 -m lsq train --data train/ --val val/ --epochs 1 --batch 256
+  python -m lsq doctor                               # check every path on this GPU, one table
 """
 
 
@@ -170,7 +171,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="auto (default, as in the app): each method's own rule below 6 bits, an MSE search "
         "at 6+ bits; method: always the method's own rule; or one initializer for all",
     )
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    t.add_argument(
+        "--fp32",
+        action="store_true",
+        help="no bf16 autocast on CUDA (bf16 is the default there; the quantizers compute in "
+        "float32 either way, and the CPU always does)",
+    )
+    t.add_argument(
+        "--record-every",
+        type=_int,
+        default=TRAIN.record_every,
+        help="read the loss, quantizer ranges and weight flips every N QAT steps; the steps "
+        f"between never wait on the GPU (default {TRAIN.record_every}: every step's curve)",
+    )
     t.add_argument(
         "--eager",
         action="store_true",
@@ -271,7 +284,8 @@ def _train_cfg(args, steps: int) -> TrainConfig:
         lr_weight_quant=args.lr_wq,
         seed=args.seed,
         device=args.device,
-        bf16=args.bf16,
+        bf16=not args.fp32,
+        record_every=args.record_every,
         compile=not args.eager,
     )
 
@@ -295,7 +309,7 @@ def _add_recon_choices(p) -> None:
     )
 
 
-def _recon_cfg(args, bf16: bool) -> ReconstructConfig | None:
+def _recon_cfg(args) -> ReconstructConfig | None:
     """The reconstruction ``run``, ``compare`` and ``train`` ask for, or None (no --reconstruct)."""
     if not args.reconstruct:
         return None
@@ -305,7 +319,7 @@ def _recon_cfg(args, bf16: bool) -> ReconstructConfig | None:
         rounding=args.recon_rounding,
         seed=args.seed,
         device=args.device,
-        bf16=bf16,
+        bf16=not args.fp32,
         compile=not args.eager,
     )
 
@@ -351,7 +365,7 @@ def cmd_run(args) -> int:
     steps = whole_number(TRAIN.steps if args.steps is None else args.steps, "--steps", 0)
     config = run_config(args)
     train_cfg = _train_cfg(args, steps) if steps > 0 else None
-    recon_cfg = _recon_cfg(args, bf16=args.bf16)  # validated before the model loads
+    recon_cfg = _recon_cfg(args)  # validated before the model loads
     bench, progress, bar = _prepare(args)
     result = init_method(bench, config, progress)
     bar.close()
@@ -413,7 +427,7 @@ def cmd_compare(args) -> int:
         make_config("lsq+", b, b)  # validates
     steps = whole_number(0 if args.steps is None else args.steps, "--steps", 0)
     train_cfg = _train_cfg(args, steps) if steps else None
-    recon_cfg = _recon_cfg(args, bf16=args.bf16)
+    recon_cfg = _recon_cfg(args)
     bench, progress, bar = _prepare(args)
     table = compare(
         bench, args.methods, args.bits, train_cfg, progress, args.weight_init, recon_cfg
@@ -519,7 +533,7 @@ def cmd_export(args) -> int:
 def cmd_train(args) -> int:
     from lsq.distributed import FolderQATConfig, train_folder
 
-    recon = _recon_cfg(args, bf16=False)  # reconstruction in float32, as before
+    recon = _recon_cfg(args)
     cfg = FolderQATConfig(
         data=args.data,
         val=args.val,
@@ -552,6 +566,33 @@ def cmd_train(args) -> int:
         cfg, root=args.runs_dir, resume=args.resume, report=lambda line: print(line, flush=True)
     )
     return 0 if result.status == Status.COMPLETE else 1
+
+
+def cmd_doctor(args) -> int:
+    from lsq.doctor import run_doctor
+
+    return 0 if run_doctor(args.device, tiny=args.tiny).ok else 1
+
+
+def _add_doctor(sub) -> None:
+    """``doctor``: every path a user runs, checked on this machine, in one table."""
+    d = sub.add_parser(
+        "doctor",
+        help="check every path (default flow, low-bit recipe, export, torchrun train + resume, "
+        "QAT vs float step time) on this machine; one table, exit 1 if any failed",
+        description="Runs each path a user runs and prints one table: path, ok or the error's "
+        "first line, seconds, notes; then QAT vs float step time at batch 128 and the peak GPU "
+        "memory. A few minutes on one GPU; on the CPU (or with --tiny) the same paths at a tiny "
+        "size. Downloads nothing; writes only to a temporary folder.",
+    )
+    d.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="default auto: CUDA if present; the CPU always runs the tiny size",
+    )
+    d.add_argument("--tiny", action="store_true", help="the tiny size on a GPU too (seconds)")
+    d.set_defaults(func=cmd_doctor)
 
 
 def _add_train(sub) -> None:
@@ -709,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=cmd_export)
     _add_train(sub)
+    _add_doctor(sub)
     return p
 
 

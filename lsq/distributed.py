@@ -69,10 +69,11 @@ from lsq.calibrate import collect_stats, init_from_stats
 from lsq.config import QuantConfig
 from lsq.convert import quantize_model
 from lsq.data import MAX_RESOLUTION, MIN_RESOLUTION
+from lsq.device import resolve_device
 from lsq.errors import LSQError
 from lsq.models import load_model
 from lsq.pipeline import ModelSpec
-from lsq.quantizers import project_scales_, set_kernels
+from lsq.quantizers import compile_failure, refresh_flags, set_kernels
 from lsq.reconstruct import ReconstructConfig, reconstruct, unit_frame
 
 # The project's one atomic writer (temp file, fsync, rename), for the checkpoints too.
@@ -85,11 +86,9 @@ from lsq.train import (
     distillation_loss,
     logits,
     make_optimizer,
-    optimizer_step,
     param_groups,
     quantizer_snapshot,
-    resolve_device,
-    weight_codes,
+    update,
 )
 from lsq.validate import finite_number, whole_number
 
@@ -164,7 +163,7 @@ class FolderQATConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
-    bf16: bool = True  # CUDA only; the CPU always computes in fp32
+    bf16: bool = _TRAIN.bf16  # CUDA only; the CPU always computes in fp32
     compile: bool = True
 
     def __post_init__(self) -> None:
@@ -277,6 +276,7 @@ class _Group:
             with torch.no_grad():
                 for t in module.state_dict().values():
                     dist.broadcast(t, src=0)
+            refresh_flags(module)  # the quantizers' Python flags, from the buffers just written
 
 
 def _int_env(name: str, default: int) -> int:
@@ -492,22 +492,23 @@ def _checkpoints(run_path: Path) -> list[Path]:
     return sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
 
 
-def _rng_states() -> dict:
-    """The CPU generators' states and this process's CUDA device's (not every visible GPU's:
-    a resume may see fewer). Nothing in training draws from CUDA's generator (the model stays
-    in eval mode, augmentations are seeded per image), so it is kept only for completeness."""
+def _rng_states(device: torch.device) -> dict:
+    """The CPU generators' states and, when the run is on CUDA, this process's device's (not
+    every visible GPU's: a resume may see fewer); a CPU run never touches CUDA. Nothing in
+    training draws from CUDA's generator (the model stays in eval mode, augmentations are seeded
+    per image), so it is kept only for completeness."""
     keys = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
         "python": random.getstate(),
         "numpy": [keys[0], keys[1].tolist(), *keys[2:]],
     }
 
 
-def _set_rng_states(states: dict) -> None:
+def _set_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
+    if states["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"])  # this process's device
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -798,9 +799,6 @@ class _FlipSampler(WeightFlips):
     net codes moved since the run's start, the per-step rows `lsq health` reads, at no cost in
     the steps between."""
 
-    def mark(self) -> None:
-        self.last = {name: weight_codes(layer) for name, layer in self.layers.items()}
-
     def restore_start(self, saved: dict[str, Tensor]) -> None:
         """The codes the run started from, from a checkpoint (where the layers still match)."""
         for name, codes in saved.items():
@@ -1033,6 +1031,9 @@ class _Engine:
     def _initialise(self, root, report) -> str:
         """Rank 0: calibrate, initialise, maybe reconstruct; create the run. Its path."""
         cfg = self.cfg
+        if cfg.compile and self.kernels != "compiled":
+            kind = self.device.type
+            report(f"torch.compile unavailable on {kind} ({compile_failure(kind)}): eager kernels")
         report(f"calibrating on {min(cfg.calib_images, len(self.data.train))} training images")
         calib = self._calib_views()
         self.stats = self._stats(calib)
@@ -1105,7 +1106,7 @@ class _Engine:
                 g["refs"] = r  # live quantizer scales, not the saved copies
         try:
             sched.load_state_dict(ckpt["scheduler"])
-            _set_rng_states(ckpt["rng"])
+            _set_rng_states(ckpt["rng"], self.device)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise LSQError(
                 f"the checkpoint's scheduler or random states cannot be restored ({e}); delete "
@@ -1165,7 +1166,7 @@ class _Engine:
             "model": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
             "optimizer": optimizer,
             "scheduler": sched.state_dict(),
-            "rng": _rng_states(),
+            "rng": _rng_states(self.device),
             "rows": self.rows,
             "trajectories": self.traj,
             "seconds": seconds,
@@ -1335,11 +1336,7 @@ class _Engine:
                 loss = F.cross_entropy(out.float(), y)
                 if cfg.distill:
                     loss = loss + cfg.distill * distillation_loss(out, target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer_step(opt)
-                project_scales_(self.student)
-                sched.step()
+                update(opt, loss, self.student, sched)
                 pending.append(loss.detach())
                 epoch_end = step % self.per_epoch == 0
                 save = step % cfg.ckpt_every == 0 and step < self.total

@@ -483,7 +483,7 @@ def learned_settings(comp: Comparison, layer: str) -> dict[str, LabSetting]:
     for stage in comp.stages:
         for method, r in comp.results(stage).items():
             q = quant_layers(r.model)[layer].input_quant
-            if bool(q.initialized):
+            if q.ready:
                 out[f"{method} ({r.label})"] = setting_of(q)
     for info in list_runs()[:20]:  # the newest: reading each costs a little
         if info.config.get("method") is None or info.model not in ("", comp.settings.model.name):

@@ -342,7 +342,7 @@ class ExportLayer(nn.Module):
             tensors["weight"] = w_eff
         plan = None
         if aq.enabled:
-            if not bool(aq.initialized):
+            if not aq.ready:
                 raise LSQError(
                     f"layer {name}: its input quantizer was never initialised; calibrate the "
                     "model (lsq.calibrate.calibrate) before exporting it"

@@ -239,7 +239,7 @@ def range_facts(model: nn.Module, stats: Mapping[str, ActStats]) -> pd.DataFrame
     rows = []
     for name, layer in quant_layers(model).items():
         q = layer.input_quant
-        if not bool(q.initialized) or name not in stats:
+        if not q.ready or name not in stats:
             continue
         lo, hi = (float(v) for v in q.clip_range())
         st = stats[name]

@@ -167,8 +167,9 @@ def _hist_mse(hist: _Hist, s: Tensor, b: Tensor, qmin: int, qmax: int) -> Tensor
     return out
 
 
-def _grid(lo: float, hi: float, n: int, dtype: torch.dtype) -> Tensor:
-    return torch.linspace(lo, hi, n, dtype=dtype)
+def _grid(lo: float, hi: float, n: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``n`` points from ``lo`` to ``hi`` on ``like``'s device (in its dtype unless given)."""
+    return torch.linspace(lo, hi, n, dtype=dtype or like.dtype, device=like.device)
 
 
 def _histograms(x: Tensor, lo: float, width: float, bins: int) -> tuple[_Hist, _Hist]:
@@ -207,14 +208,14 @@ def _search_asymmetric(
         off = lo + aa * width - qmin * s
         return s, off, _hist_mse(hist, s.float(), off.float(), qmin, qmax)
 
-    shares = _grid(0, 1, ASYM_POINTS, dtype) ** 2 * MAX_CLIP
+    shares = _grid(0, 1, ASYM_POINTS, coarse[0], dtype) ** 2 * MAX_CLIP
     s, off, err = evaluate(shares, shares, coarse)
     step = MAX_CLIP / (ASYM_POINTS - 1)
     for _ in range(ASYM_ZOOM_ROUNDS):
         best = int(err.argmin())
         a0 = float((off[best] + qmin * s[best] - lo) / width)
         b0 = float(1 - a0 - s[best] * levels / width)
-        around = _grid(-step, step, ASYM_ZOOM_POINTS, dtype)
+        around = _grid(-step, step, ASYM_ZOOM_POINTS, coarse[0], dtype)
         a = (a0 + around).clamp(0, MAX_CLIP_SUM)
         b = (b0 + around).clamp(0, MAX_CLIP_SUM)
         s, off, err = evaluate(a, b, fine)
@@ -232,10 +233,10 @@ def _search_symmetric(coarse: _Hist, fine: _Hist, s_max: float, qmin: int, qmax:
         return s, _hist_mse(hist, s.float(), torch.zeros_like(s).float(), qmin, qmax)
 
     step = 1 / SYM_POINTS
-    s, err = evaluate(_grid(step, 1, SYM_POINTS, dtype), coarse)
+    s, err = evaluate(_grid(step, 1, SYM_POINTS, coarse[0], dtype), coarse)
     for _ in range(SYM_ZOOM_ROUNDS):
         t0 = float(s[int(err.argmin())] / s_max)
-        around = _grid(-step, step, SYM_ZOOM_POINTS, dtype)
+        around = _grid(-step, step, SYM_ZOOM_POINTS, coarse[0], dtype)
         s, err = evaluate((t0 + around).clamp_min(SYM_MIN_SHARE), fine)
         step /= SYM_ZOOM_SHRINK
     return s[int(err.argmin())]
@@ -320,11 +321,18 @@ def refine_init(x: Tensor, start: InitResult, qmin: int, qmax: int, steps: int) 
 def mse_weight_init(
     w: Tensor, qmin: int, qmax: int, per_channel: bool = True, candidates: int = 100
 ) -> InitResult:
-    """Per-channel search of the symmetric clipping range minimising the weight MSE.
+    """Per-channel search of the symmetric clipping range minimising the weight MSE
+    (``mse_weight_scale``), with the MSE it reaches."""
+    scale = mse_weight_scale(_rows(w, per_channel).float(), qmin, qmax, candidates)
+    return _result(w, scale, None, qmin, qmax, per_channel)
 
-    Tries scales t * max|w| / qmax for t on a grid in (0, 1], then zooms in once, per channel.
+
+def mse_weight_scale(ws: Tensor, qmin: int, qmax: int, candidates: int = 100) -> Tensor:
+    """The scale of each row of ``ws`` [rows, elements] minimising its quantization MSE.
+
+    Tries scales t * max|w| / qmax for t on a grid in (0, 1], then zooms in once, per row. All on
+    ``ws``'s device, with no number read back on the host.
     """
-    ws = _rows(w, per_channel).float()
     s_max = (ws.abs().amax(1) / qmax).clamp_min(SCALE_FLOOR)
 
     def errors(t: Tensor) -> Tensor:  # t: [C, T] -> err [C, T]
@@ -334,15 +342,14 @@ def mse_weight_init(
             out[:, j] = ((ws / s).clamp(qmin, qmax).round() * s - ws).pow(2).mean(1)
         return out
 
-    t = _grid(0.05, 1.0, candidates, ws.dtype).expand(ws.shape[0], -1)
+    t = _grid(0.05, 1.0, candidates, ws).expand(ws.shape[0], -1)
     err = errors(t)
     t0 = t.gather(1, err.argmin(1, keepdim=True))
     step = 0.95 / (candidates - 1)
-    t = (t0 + _grid(-step, step, 21, ws.dtype)).clamp(1e-3, 1.0)
+    t = (t0 + _grid(-step, step, 21, ws)).clamp(1e-3, 1.0)
     err = errors(t)
     best_t = t.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
-    scale = (best_t * s_max).clamp_min(SCALE_FLOOR)
-    return _result(w, scale, None, qmin, qmax, per_channel)
+    return (best_t * s_max).clamp_min(SCALE_FLOOR)
 
 
 # --- applying a config's choice to a quantizer ----------------------------------------------------

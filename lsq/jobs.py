@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lsq.device import free_cached
 from lsq.errors import LSQError
 from lsq.status import ACTIVE, Status
 
@@ -133,6 +134,7 @@ class JobManager:
                 f"unexpected error: {type(e).__name__}: {e} (the traceback is in the server log)"
             )
         finally:
+            free_cached()  # the job's private model copies, on a GPU
             job.finished = time.time()
 
     def active(self) -> Job | None:

@@ -32,10 +32,11 @@ from lsq.calibrate import ActStats, LayerInit, collect_stats, init_from_stats
 from lsq.config import QuantConfig, make_config, resolve_weight_init
 from lsq.convert import quantize_model
 from lsq.data import MAX_RESOLUTION, MIN_RESOLUTION
+from lsq.device import resolve_device
 from lsq.errors import LSQError
 from lsq.reconstruct import ReconstructConfig, ReconstructEvent, reconstruct, unit_frame
 from lsq.status import ENDINGS, Status
-from lsq.train import TrainConfig, TrainEvent, ViewSource, logits, resolve_device, train
+from lsq.train import TrainConfig, TrainEvent, ViewSource, logits, train
 from lsq.validate import whole_number
 
 #: progress(stage, done, total)

@@ -92,33 +92,59 @@ def _kernels(kind: str):
     return _compiled["forward"], _compiled["backward"]
 
 
-def compiled_kernels_work() -> bool:
-    """Whether torch.compile works here (it needs a C++ compiler on the CPU); tried once."""
-    if "ok" not in _compiled:
+#: Device type -> why the compiled kernels failed there ("" when they work); probed once each.
+_probed: dict[str, str] = {}
+
+
+def compile_failure(device: torch.device | str = "cpu") -> str:
+    """Why torch.compile'd kernels fail on ``device`` ("" when they work). Probed once per device
+    type, on that device (a C++ compiler on the CPU, Triton on CUDA), so a failure falls back to
+    eager before the first training step instead of inside it."""
+    kind = torch.device(device).type
+    if kind not in _probed:
         try:
             fwd, bwd = _kernels("compiled")
-            x = torch.linspace(-2, 2, 64).reshape(4, 16)
-            fwd(x, torch.tensor(0.1), torch.tensor(0.0), 0, 15)
-            bwd(x, x, torch.tensor(0.1), torch.tensor(0.0), 0, 15)
-            _compiled["ok"] = True
-        except Exception as e:  # no compiler, unsupported platform: eager still works
-            warnings.warn(f"torch.compile is unavailable ({e}); using eager kernels", stacklevel=2)
-            _compiled["ok"] = False
-    return bool(_compiled["ok"])
+            x = torch.linspace(-2, 2, 64, device=kind).reshape(4, 16)
+            s, b = torch.tensor(0.1, device=kind), torch.tensor(0.0, device=kind)
+            fwd(x, s, b, 0, 15)
+            bwd(x, x, s, b, 0, 15)
+            _probed[kind] = ""
+        except Exception as e:  # no compiler, no Triton, unsupported platform: eager works
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(
+                f"torch.compile is unavailable on {kind} ({reason}); using eager kernels",
+                stacklevel=2,
+            )
+            _probed[kind] = reason or type(e).__name__
+    return _probed[kind]
 
 
-def _detach(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
+def compiled_kernels_work(device: torch.device | str = "cpu") -> bool:
+    """Whether torch.compile'd kernels work on ``device`` (see ``compile_failure``)."""
+    return not compile_failure(device)
+
+
+def _arithmetic_dtype(x: Tensor, scale: Tensor) -> torch.dtype:
+    """float32 at least, whatever the input's dtype: in bf16 (8 mantissa bits) a code of 128 or
+    more has no fraction, so round(v) - v, LSQ's scale gradient, would be 0 at 8 bits."""
+    return torch.promote_types(torch.promote_types(x.dtype, scale.dtype), torch.float32)
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Detached (plain tensors, so a weight Parameter does not compile a graph of its own), in
+    ``dtype``."""
+    return None if t is None else t.detach().to(dtype)
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """Forward and backward in one place, so the value never depends on whether grad is on."""
+    """Forward and backward in one place, so the value never depends on whether grad is on.
+    Both compute in float32 (float64 for float64 inputs) and return the input's dtype."""
 
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax, grad_scale, kernels):  # noqa: D102
         forward, _ = _kernels(kernels)
-        # detach(): plain tensors, so a weight (a Parameter) does not compile a graph of its own.
-        out = forward(x.detach(), scale.detach(), _detach(offset), qmin, qmax)
+        dt = _arithmetic_dtype(x, scale)
+        out = forward(_as(x, dt), _as(scale, dt), _as(offset, dt), qmin, qmax)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(x, scale, offset)
             ctx.args = (qmin, qmax, grad_scale, kernels)
@@ -129,13 +155,16 @@ class _FakeQuantize(torch.autograd.Function):
         x, scale, offset = ctx.saved_tensors
         qmin, qmax, grad_scale, kernels = ctx.args
         _, backward = _kernels(kernels)
-        g = grad_out.float() if grad_out.dtype != torch.float32 else grad_out
+        dt = _arithmetic_dtype(x, scale)
         grad_x, grad_s, grad_b = backward(
-            g, x.detach(), scale.detach(), _detach(offset), qmin, qmax
+            _as(grad_out, dt), _as(x, dt), _as(scale, dt), _as(offset, dt), qmin, qmax
         )
         grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_s = grad_s * grad_scale if ctx.needs_input_grad[1] else None
-        grad_b = grad_b * grad_scale if grad_b is not None and ctx.needs_input_grad[2] else None
+        grad_s = (grad_s * grad_scale).to(scale.dtype) if ctx.needs_input_grad[1] else None
+        if grad_b is not None and ctx.needs_input_grad[2]:
+            grad_b = (grad_b * grad_scale).to(offset.dtype)
+        else:
+            grad_b = None
         return grad_x, grad_s, grad_b, None, None, None, None
 
 
@@ -201,20 +230,38 @@ class Quantizer(nn.Module):
         self.offset = (
             nn.Parameter(torch.zeros(shape), requires_grad=learnable) if asymmetric else None
         )
-        # Buffers so that a state dict round trip restores them.
+        # Buffers so that a state dict round trip restores them; the forward reads the Python
+        # copies below, never the buffers (reading a CUDA buffer waits for the GPU).
         self.register_buffer("signed_grid", torch.tensor(bool(signed)))
         self.register_buffer("initialized", torch.tensor(False))
+        self._signed = bool(signed)
+        self._ready = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_flags()
+
+    def refresh_flags(self) -> None:
+        """Read the grid and initialised flags from the buffers (after something wrote them in
+        place: a state dict, a broadcast from another process)."""
+        self._signed, self._ready = bool(self.signed_grid), bool(self.initialized)
 
     # --- the grid -----------------------------------------------------------------------------
     @property
     def signed(self) -> bool:
-        return bool(self.signed_grid)
+        return self._signed
 
     @signed.setter
     def signed(self, value: bool) -> None:
         if value and self.asymmetric:
             raise LSQError("an asymmetric (LSQ+) quantizer uses the unsigned grid")
         self.signed_grid.fill_(bool(value))
+        self._signed = bool(value)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a range was set (``set_range``, or a state dict of an initialised one)."""
+        return self._ready
 
     @property
     def qmin(self) -> int:
@@ -266,6 +313,7 @@ class Quantizer(nn.Module):
             off = torch.zeros(()) if offset is None else torch.as_tensor(offset)
             self.offset.copy_(off.to(self.offset).reshape(self.offset.shape))
         self.initialized.fill_(True)
+        self._ready = True
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -275,7 +323,7 @@ class Quantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         if not self.enabled:
             return x
-        if not bool(self.initialized):
+        if not self._ready:
             raise LSQError(
                 f"{self.role} quantizer used before initialisation: calibrate the model first"
             )
@@ -309,12 +357,21 @@ def set_kernels(model: nn.Module, kernels: str) -> str:
     return value) when torch.compile does not work here."""
     if kernels not in KERNELS:
         raise LSQError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    if kernels == "compiled" and not compiled_kernels_work():
-        kernels = "eager"
+    if kernels == "compiled":
+        param = next(model.parameters(), None)
+        if not compiled_kernels_work("cpu" if param is None else param.device):
+            kernels = "eager"
     for m in model.modules():
         if isinstance(m, Quantizer):
             m.kernels = kernels
     return kernels
+
+
+def refresh_flags(model: nn.Module) -> None:
+    """``Quantizer.refresh_flags`` for every quantizer of ``model``."""
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.refresh_flags()
 
 
 def project_scales_(model: nn.Module) -> None:

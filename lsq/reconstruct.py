@@ -15,6 +15,7 @@ last good state. Only the current unit's float and quantized inputs are held in 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,16 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsq.convert import float_mode, quant_layers
+from lsq.device import BF16, generator, resolve_device
 from lsq.errors import LSQError
 from lsq.init import init_weight_quantizer
-from lsq.quantizers import project_scales_, set_kernels
-from lsq.train import (
-    distillation_loss,
-    make_optimizer,
-    optimizer_step,
-    param_groups,
-    resolve_device,
-)
+from lsq.quantizers import compile_failure, set_kernels
+from lsq.train import LastGood, distillation_loss, make_optimizer, param_groups, update
 from lsq.validate import finite_number
 
 #: Containers whose children timm runs one after another as the network's blocks.
@@ -99,11 +95,14 @@ class ReconstructConfig:
     round_warmup: float = 0.2  # share of a unit's iterations before the regulariser starts
     seed: int = 0
     device: str = "auto"
-    bf16: bool = False
+    bf16: bool = BF16  # autocast on CUDA only; the quantizers compute in float32 regardless
     compile: bool = True
+    #: Every how many iterations the loop reads the loss on the host (the step event) and checks
+    #: for non-finite values, keeping the last good state; the iterations between never wait.
+    record_every: int = 1
 
     def __post_init__(self) -> None:
-        for name, hi in (("iters", 100_000), ("batch_size", 4096)):
+        for name, hi in (("iters", 100_000), ("batch_size", 4096), ("record_every", 100_000)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
                 raise LSQError(f"{name} must be a whole number from 1 to {hi}, got {v!r}")
@@ -271,6 +270,15 @@ def _merge_empty(units: list[Unit]) -> list[Unit]:
     return out
 
 
+def qdrop_mix(
+    x_q: Tensor, x_fp: Tensor, drop_prob: float, gen: torch.Generator | None = None
+) -> Tensor:
+    """QDrop's input: each element of the quantized stream replaced by the float stream's with
+    probability ``drop_prob``; the draw is made on the inputs' device (``gen`` there)."""
+    keep_float = torch.rand(x_q.shape, generator=gen, device=x_q.device)
+    return torch.where(keep_float < drop_prob, x_fp, x_q)
+
+
 class _Stop(Exception):
     pass
 
@@ -310,11 +318,11 @@ def _unit_loss(out: Tensor, target: Tensor, is_logits: bool) -> Tensor:
 
 @torch.no_grad()
 def _eval_loss(unit, model, x, target, is_logits, batch) -> float:
-    total = 0.0
+    total = torch.zeros((), device=x.device)
     for i in range(0, len(x), batch):
         out = unit.run(model, x[i : i + batch])
-        total += float(_unit_loss(out, target[i : i + batch], is_logits)) * len(out)
-    return total / len(x)
+        total += _unit_loss(out, target[i : i + batch], is_logits) * len(out)
+    return float(total) / len(x)  # one read per unit
 
 
 class LearnedRounding(nn.Module):
@@ -375,7 +383,7 @@ def _learned_rounding(unit: Unit, model: nn.Module) -> dict[str, LearnedRounding
     for name in unit.layers:
         layer = model.get_submodule(name)
         q = layer.weight_quant
-        if q.enabled and bool(q.initialized) and q.offset is None:
+        if q.enabled and q.ready and q.offset is None:
             out[name] = LearnedRounding(layer).to(layer.layer.weight.device)
     return out
 
@@ -424,10 +432,14 @@ def reconstruct(
     missing = [p for u in units for p in u.paths if p != HEAD and _get(teacher, p) is None]
     if missing:
         raise LSQError(f"the float model has no module {missing[0]!r}: not the model quantized")
-    set_kernels(model, "compiled" if cfg.compile else "eager")
+    kernels = set_kernels(model, "compiled" if cfg.compile else "eager")
+    note_kernels = ""
+    if cfg.compile and kernels != "compiled":
+        note_kernels = f" (torch.compile unavailable on {device.type}: "
+        note_kernels += f"{compile_failure(device)}; eager kernels)"
     if cfg.weight_init == "mse":
         mse_weight_ranges_(model)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = generator(device, cfg.seed)
     batch = cfg.batch_size
     n = len(views)
     total = cfg.iters * len(units)
@@ -458,6 +470,7 @@ def reconstruct(
                 {"params": [r.v for r in rounders.values()], "lr": cfg.lr_rounding, "name": "v"}
             )
         params = [p for g in groups for p in g["params"]]
+        last_good = LastGood(params)
         start_state = [p.detach().clone() for p in params]
         start_weights = [model.get_submodule(m).layer.weight.detach().clone() for m in rounders]
         n_rounded = sum(r.v.numel() for r in rounders.values())
@@ -473,11 +486,10 @@ def reconstruct(
                         seconds=time.perf_counter() - start, message="stopped by the user",
                     )  # fmt: skip
                     return
-                idx = torch.randint(n, (min(batch, n),), generator=gen).to(device)
-                xq, xf = x_q[idx], x_fp[idx]
+                idx = torch.randint(n, (min(batch, n),), generator=gen, device=device)
+                xq = x_q[idx]
                 if cfg.drop_prob > 0 and k > 0:
-                    keep_float = torch.rand(xq.shape, generator=gen).to(device) < cfg.drop_prob
-                    xq = torch.where(keep_float, xf, xq)
+                    xq = qdrop_mix(xq, x_fp[idx], cfg.drop_prob, gen)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     out = unit.run(model, xq)
                 rec = _unit_loss(out, target[idx], is_logits)
@@ -486,35 +498,29 @@ def reconstruct(
                 if beta is not None:
                     reg = sum(r.regulariser(beta) for r in rounders.values()) / n_rounded
                     loss = rec + cfg.round_reg * before * reg
-                if not torch.isfinite(loss.detach()):
-                    yield ReconstructEvent(
-                        "error", unit.name, k, len(units), step, total,
-                        loss=float(loss.detach()), seconds=time.perf_counter() - start,
-                        message=f"loss became {float(loss.detach())} in unit {unit.name} at "
-                        f"iteration {it + 1}; stopped with the last good state. Lower the "
-                        "learning rates.",
-                    )  # fmt: skip
-                    return
-                good = [p.detach().clone() for p in params]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer_step(opt)
-                project_scales_(model)
-                sched.step()
-                if not all(torch.isfinite(p).all() for p in params):
-                    with torch.no_grad():
-                        for p, g in zip(params, good, strict=True):
-                            p.copy_(g)
+                record = (it + 1) % cfg.record_every == 0 or it + 1 == cfg.iters
+                if record:
+                    last_good.hold()
+                update(opt, loss, unit.modules(model), sched)
+                if not record:
+                    continue
+                value, healthy = last_good.check(loss, params_too=True)
+                if not healthy:
+                    last_good.restore()
+                    what = "parameters became non-finite"
+                    if not math.isfinite(value):
+                        what = f"loss became {value}"
                     yield ReconstructEvent(
                         "error", unit.name, k, len(units), step + 1, total,
-                        seconds=time.perf_counter() - start,
-                        message=f"parameters of unit {unit.name} became non-finite; the last "
-                        "good state was kept. Lower the learning rates.",
+                        loss=value, seconds=time.perf_counter() - start,
+                        message=f"{what} in unit {unit.name} at iteration {it + 1}; stopped "
+                        "with the last good state. Lower the learning rates.",
                     )  # fmt: skip
                     return
+                rec_value = float(rec) if beta is not None else value
                 yield ReconstructEvent(
                     "step", unit.name, k, len(units), step + 1, total,
-                    loss=float(rec.detach()), seconds=time.perf_counter() - start,
+                    loss=rec_value, seconds=time.perf_counter() - start,
                 )  # fmt: skip
         after = _eval_loss(unit, model, x_q, target, is_logits, batch)
         note = ""
@@ -535,7 +541,7 @@ def reconstruct(
             x_fp = target
     yield ReconstructEvent(
         "done", units[-1].name, len(units) - 1, len(units), total, total,
-        seconds=time.perf_counter() - start, message="finished",
+        seconds=time.perf_counter() - start, message="finished" + note_kernels,
     )  # fmt: skip
 
 

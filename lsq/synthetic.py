@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lsq.device import resolve_device
 from lsq.errors import LSQError
 from lsq.runs import _atomic_write
-from lsq.train import resolve_device
 from lsq.validate import finite_number
 
 #: progress(done, total): images finished so far.

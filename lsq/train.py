@@ -8,7 +8,7 @@ loop, so it can draw progress, stop between steps, or run it in a thread.
 
 from __future__ import annotations
 
-import copy
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsq.convert import quant_layers
+from lsq.device import BF16, generator, no_host_sync, resolve_device
 from lsq.errors import LSQError
-from lsq.quantizers import SCALE_FLOOR, Quantizer, project_scales_, set_kernels
+from lsq.quantizers import SCALE_FLOOR, Quantizer, compile_failure, project_scales_, set_kernels
 from lsq.validate import finite_number
 
 OPTIMIZERS = ("adam", "sgd")
@@ -61,7 +62,17 @@ class TrainConfig:
     eval_every: int = 10
     seed: int = 0
     device: str = "auto"
-    bf16: bool = False
+    #: bf16 autocast on CUDA (the quantizers compute in float32 whatever comes in); the CPU
+    #: always computes in float32.
+    bf16: bool = BF16
+    #: Every how many steps the loop reads numbers back on the host: the loss, the quantizer
+    #: snapshot, one step's weight flips, and the NaN check with its last good state. The steps
+    #: between never wait on the device. 1 keeps every step's curve.
+    record_every: int = 1
+    #: On CUDA, a host sync inside a step (every step after the first, which compiles the
+    #: kernels) raises instead of waiting (``torch.cuda.set_sync_debug_mode("error")``) and ends
+    #: the run with an error event.
+    sync_check: bool = False
     train_weights: bool = True
     #: Quantizer updates relative to each quantizer's scale (see ``optimizer_step``); the rates
     #: of the quantizer groups are then fractions of a step size.
@@ -70,7 +81,7 @@ class TrainConfig:
     compile: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every"):
+        for name in ("steps", "batch_size", "eval_every", "record_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise LSQError(f"{name} must be a whole number of at least 1, got {v!r}")
@@ -88,19 +99,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto: CUDA when present, else CPU. Asking for CUDA without one is an error in words."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise LSQError("device 'cuda' was asked for, but no CUDA GPU is available; use cpu")
-        return torch.device("cuda")
-    raise LSQError(f"device must be auto, cpu or cuda, got {device!r}")
 
 
 @dataclass
@@ -124,15 +122,20 @@ class TrainEvent:
     flips: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
+@torch.no_grad()
 def quantizer_snapshot(model: nn.Module) -> dict[str, tuple[float, float, float]]:
-    """Every layer's current activation scale and offset and its mean weight scale."""
-    out = {}
-    for name, layer in quant_layers(model).items():
+    """Every layer's current activation scale and offset and its mean weight scale (one read
+    from the device for the whole model)."""
+    layers = quant_layers(model)
+    if not layers:
+        return {}
+    values = []
+    for layer in layers.values():
         a, w = layer.input_quant, layer.weight_quant
-        s = float(a.effective_scale().detach().mean())
-        b = float(a.offset.detach().mean()) if a.offset is not None else 0.0
-        out[name] = (s, b, float(w.effective_scale().detach().mean()))
-    return out
+        b = a.offset.mean() if a.offset is not None else torch.zeros_like(a.scale).mean()
+        values += [a.effective_scale().mean(), b, w.effective_scale().mean()]
+    flat = torch.stack([v.float() for v in values]).tolist()
+    return {name: tuple(flat[3 * i : 3 * i + 3]) for i, name in enumerate(layers)}
 
 
 @torch.no_grad()
@@ -162,11 +165,16 @@ class WeightFlips:
             name: layer
             for name, layer in quant_layers(model).items()
             if layer.weight_quant.enabled
-            and bool(layer.weight_quant.initialized)
+            and layer.weight_quant.ready
             and (layer.layer.weight.requires_grad or layer.weight_quant.scale.requires_grad)
         }
         self.start = {name: weight_codes(layer) for name, layer in self.layers.items()}
         self.last = dict(self.start)
+
+    def mark(self) -> None:
+        """Take the codes now (just before a step), so that the next ``update`` counts that one
+        step's flips: sampling every few steps costs nothing in the steps between."""
+        self.last = {name: weight_codes(layer) for name, layer in self.layers.items()}
 
     @torch.no_grad()
     def update(self) -> dict[str, tuple[int, int, int]]:
@@ -317,6 +325,89 @@ def optimizer_step(opt: torch.optim.Optimizer) -> None:
             p.copy_(old + (p - old) * ref)
 
 
+def update(
+    opt: torch.optim.Optimizer,
+    loss: Tensor,
+    model: nn.Module | list[nn.Module],
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    """One update, the same everywhere (QAT, reconstruction, torchrun, the benchmarks):
+    gradients of ``loss``, then ``apply_gradients``. Nothing in it reads a number on the host."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    apply_gradients(opt, model, sched)
+
+
+def apply_gradients(
+    opt: torch.optim.Optimizer,
+    model: nn.Module | list[nn.Module],
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    """The optimizer's step (``optimizer_step``), every quantizer's scale kept above its floor,
+    the schedule's step."""
+    optimizer_step(opt)
+    for m in model if isinstance(model, list) else [model]:
+        project_scales_(m)
+    if sched is not None:
+        sched.step()
+
+
+def step_loss(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    loss: str = "kd",
+    bf16: bool = False,
+) -> Tensor:
+    """The loss of one QAT step: the model's forward (bf16 autocast on CUDA when ``bf16``) and
+    the distillation loss against the teacher's logits (``loss="kd"``) or the cross-entropy
+    against class indices (``"ce"``), in float32."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+        out = model(x)
+    if loss == "kd":
+        return distillation_loss(out, target)
+    return F.cross_entropy(out.float(), target)
+
+
+class LastGood:
+    """The NaN policy without a copy of the model every step and without waiting on the device.
+
+    Before a checked step the trained parameters are copied on the device (``hold``); after it,
+    one read (``check``) says whether that step's loss was finite, i.e. whether the held state
+    was good. Then the held copy becomes the last good state; if not (or if the parameters went
+    non-finite), ``restore`` puts the last good state back. The state the run started from is
+    the first good one.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.good = [p.detach().clone() for p in params]
+        self.held = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def hold(self) -> None:
+        for h, p in zip(self.held, self.params, strict=True):
+            h.copy_(p)
+
+    @torch.no_grad()
+    def check(self, loss: Tensor, params_too: bool) -> tuple[float, bool]:
+        """(the loss, whether the run is healthy): one read from the device. The held state
+        becomes the last good one when the loss it gave is finite."""
+        flags = [torch.isfinite(loss.detach()).all()]
+        if params_too:
+            flags += [torch.isfinite(p).all() for p in self.params]
+        read = torch.stack([loss.detach().float().reshape(()), torch.stack(flags).all().float()])
+        value, ok = read.tolist()
+        if math.isfinite(value):
+            self.good, self.held = self.held, self.good
+        return value, bool(ok)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, g in zip(self.params, self.good, strict=True):
+            p.copy_(g)
+
+
 def train(
     model: nn.Module,
     teacher: nn.Module,
@@ -327,16 +418,17 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     teacher_logits: tuple[Tensor | None, Tensor] | None = None,
 ) -> Iterator[TrainEvent]:
-    """Run QAT on ``model`` (quantized and calibrated), yielding an event per step.
+    """Run QAT on ``model`` (quantized and calibrated), yielding progress events.
 
     ``teacher`` is the float model: the distillation target (``cfg.loss == "kd"``) and the
     reference for agreement; ``labels`` give class indices of ``train_views`` for cross-entropy.
-    ``train_views`` is a fixed tensor (each step samples from it) or a source of fresh views
-    (``lsq.data.FreshViews`` and friends: each step gets new crops, and the teacher's logits
-    are computed on them as it goes). A non-finite loss restores the state before the last
-    update and ends with an ``error`` event; ``should_stop`` returning True ends with
-    ``stopped``. ``teacher_logits`` (on ``train_views`` — None for a source — and on
-    ``eval_views``) skips recomputing them when the caller has them.
+    ``train_views`` is a fixed tensor (each step samples from it, on the device) or a source of
+    fresh views (``lsq.data.FreshViews`` and friends: each step gets new crops, and the teacher's
+    logits are computed on them as it goes). A ``step`` event comes every ``cfg.record_every``
+    steps (and at evaluations and the last step): only then are numbers read from the device.
+    A non-finite loss or parameters restore the last good state (``LastGood``) and end with an
+    ``error`` event; ``should_stop`` returning True ends with ``stopped``. ``teacher_logits``
+    (on ``train_views`` — None for a source — and on ``eval_views``) skips recomputing them.
     """
     fresh = not isinstance(train_views, Tensor)
     if fresh and not callable(getattr(train_views, "batch", None)):
@@ -350,14 +442,18 @@ def train(
     device = resolve_device(cfg.device)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     model.to(device).eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = generator(device, cfg.seed)
 
     teacher.to(device)
     if teacher_logits is None:
         on_train = None if fresh else logits(teacher, train_views)
         teacher_logits = (on_train, logits(teacher, eval_views))
-    teacher_train = None if fresh else teacher_logits[0].to(device)
+    if not fresh:  # once on the device: a step indexes it there, with no copy
+        train_views = train_views.to(device)
+        teacher_train = teacher_logits[0].to(device)
+        labels = None if labels is None else labels.to(device)
     teacher_eval = teacher_logits[1].to(device)
+    eval_views = eval_views.to(device)
 
     kernels = set_kernels(model, "compiled" if cfg.compile else "eager")
     groups = param_groups(
@@ -373,6 +469,7 @@ def train(
     opt = make_optimizer(groups, cfg.optimizer, cfg.momentum, cfg.weight_decay)
     flips = WeightFlips(model)  # after param_groups: it decides which weights train
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    last_good = LastGood([p for g in groups for p in g["params"]])
     lrs = {g["name"]: g for g in opt.param_groups}
 
     def lr_of(*names: str) -> float | None:
@@ -382,7 +479,9 @@ def train(
         return None
 
     agreement, kl = agreement_and_kl(model, eval_views, teacher_eval)
-    note = "" if kernels == "compiled" or not cfg.compile else "torch.compile unavailable: eager"
+    note = ""
+    if cfg.compile and kernels != "compiled":
+        note = f"torch.compile unavailable on {device.type} ({compile_failure(device)}): eager"
     yield TrainEvent(
         "eval",
         0,
@@ -394,65 +493,68 @@ def train(
     )
     n = None if fresh else train_views.shape[0]
     start = time.perf_counter()
-    good_state = None
+    recorded = True  # the flip counter's codes are those before step 1
     for step in range(1, cfg.steps + 1):
         if should_stop is not None and should_stop():
             yield TrainEvent("stopped", step - 1, cfg.steps, message="stopped by the user")
             return
+        evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+        record = evaluate or step % cfg.record_every == 0
         if fresh:
-            x = train_views.batch(cfg.seed * 1_000_003 + step, cfg.batch_size).to(device)
+            x = train_views.batch(cfg.seed * 1_000_003 + step, cfg.batch_size)
+            x = x.to(device, non_blocking=True)
             target = logits(teacher, x, batch=len(x))
         else:
-            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
-            x = train_views[idx].to(device)
-            target = teacher_train[idx]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(x)
-        if cfg.loss == "kd":
-            loss = distillation_loss(out, target)
-        else:
-            loss = F.cross_entropy(out.float(), labels[idx].to(device))
-        if not torch.isfinite(loss.detach()):
-            if good_state is not None:
-                model.load_state_dict(good_state)
+            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen, device=device)
+            x = train_views[idx]
+            target = teacher_train[idx] if cfg.loss == "kd" else labels[idx]
+        if record:
+            last_good.hold()
+            if not recorded:  # else the codes after the last recorded step are these
+                flips.mark()
+        recorded = record
+        try:
+            # Step 1 compiles the quantizer kernels for this run's shapes: not checked.
+            with no_host_sync(device, cfg.sync_check and step > 1):
+                loss = step_loss(model, x, target, cfg.loss, use_bf16)
+                update(opt, loss, model, sched)
+        except RuntimeError as e:
+            if not cfg.sync_check or "synchroniz" not in str(e):
+                raise
+            yield TrainEvent(
+                "error", step, cfg.steps, message=f"a host sync inside QAT step {step}: {e}"
+            )
+            return
+        if not record:
+            continue
+        value, healthy = last_good.check(loss, params_too=evaluate)
+        if not healthy:
+            last_good.restore()
+            what = f"loss became {value}" if not math.isfinite(value) else "parameters became"
+            what += "" if not math.isfinite(value) else " non-finite"
             yield TrainEvent(
                 "error",
                 step,
                 cfg.steps,
-                loss=float(loss.detach()),
+                loss=value,
                 message=(
-                    f"loss became {float(loss.detach())} at step {step}; training stopped and "
-                    "the last good state was kept. Lower the learning rates."
+                    f"{what} at step {step}; training stopped and the last good state was "
+                    "kept. Lower the learning rates."
                 ),
             )
             return
-        good_state = copy.deepcopy(model.state_dict())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(opt)
-        project_scales_(model)
-        sched.step()
         event = TrainEvent(
             "step",
             step,
             cfg.steps,
-            loss=float(loss.detach()),
+            loss=value,
             lr_weights=lr_of("weights", "other"),
             lr_quant=lr_of("act_quant", "weight_quant"),
             seconds=time.perf_counter() - start,
             quantizers=quantizer_snapshot(model),
             flips=flips.update(),
         )
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                model.load_state_dict(good_state)
-                yield TrainEvent(
-                    "error",
-                    step,
-                    cfg.steps,
-                    message=f"parameters became non-finite at step {step}; last good state kept",
-                )
-                return
+        if evaluate:
             event.agreement, event.kl = agreement_and_kl(model, eval_views, teacher_eval)
         yield event
     yield TrainEvent(

@@ -543,15 +543,34 @@ def saved_curves(runs: list[LoadedRun]) -> pd.DataFrame:
     step), long, one ``method`` per run: its method (so it keeps its colour), or "A: lsq+",
     "B: lsq+" ... in the order given when two runs share a method. Runs that did not train add
     nothing."""
-    methods = [str(run.info.config.get("method") or run.info.name) for run in runs]
-    shared = len(set(methods)) < len(methods)
     frames = []
-    for i, (run, method) in enumerate(zip(runs, methods, strict=True)):
+    for run, method in zip(runs, _run_methods(runs), strict=True):
         metrics = run.tables.get("metrics")
         if metrics is None or metrics.empty or "step" not in metrics:
             continue
-        frames.append(metrics.assign(method=f"{chr(65 + i)}: {method}" if shared else method))
+        frames.append(metrics.assign(method=method))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def saved_units(runs: list[LoadedRun]) -> pd.DataFrame:
+    """The block-wise reconstruction of saved runs (their ``units.csv``: each unit's error
+    before and after), long, with ``method`` named as in ``saved_curves``. Runs that did not
+    reconstruct add nothing."""
+    methods = _run_methods(runs)
+    frames = []
+    for run, method in zip(runs, methods, strict=True):
+        units = run.tables.get("units")
+        if units is not None and not units.empty:
+            frames.append(units.assign(method=method))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _run_methods(runs: list[LoadedRun]) -> list[str]:
+    """Each run's method, or "A: lsq+", "B: lsq+" in the order given when two share one."""
+    methods = [str(run.info.config.get("method") or run.info.name) for run in runs]
+    if len(set(methods)) == len(methods):
+        return methods
+    return [f"{chr(65 + i)}: {m}" for i, m in enumerate(methods)]
 
 
 def compare_runs_frame(a: LoadedRun, b: LoadedRun, column: str = "output_sqnr_db") -> pd.DataFrame:

@@ -68,6 +68,20 @@ class RunInfo:
     model: str = ""
 
 
+def run_stage(info: RunInfo) -> str:
+    """How far a saved run came, in words, from what its meta records: "initialised",
+    "reconstructed", "trained" or "reconstructed, then trained". A run whose reconstruction
+    stopped before its QAT started is "reconstructed", whatever training it was set up for."""
+    meta = info.meta
+    stage = meta.get("stage")
+    if stage is None:  # written before the stage was recorded: training settings say it
+        stage = "trained" if meta.get("train") else "initialised"
+    reconstructed = meta.get("reconstruct") is not None
+    if stage == "trained":
+        return "reconstructed, then trained" if reconstructed else "trained"
+    return "reconstructed" if stage == "reconstructed" or reconstructed else "initialised"
+
+
 class SavedState(Mapping[str, torch.Tensor]):
     """The tensors of a ``.safetensors`` file, each read from disk only when asked for.
 

@@ -7,9 +7,9 @@ import streamlit as st
 
 from lsq import plots
 from lsq.errors import LSQError
-from lsq.explorer import compare_runs_frame, saved_curves
+from lsq.explorer import compare_runs_frame, saved_curves, saved_units
 from lsq.export import export_file, export_run
-from lsq.runs import list_runs, load_run, runs_root
+from lsq.runs import list_runs, load_run, run_stage, runs_root
 from lsq.status import Status
 from ui import chart
 
@@ -30,7 +30,7 @@ rows = [
             "agreement"
         ),
         "kl": ((i.meta.get("metrics_final") or i.meta.get("metrics_init")) or {}).get("kl"),
-        "trained": bool(i.meta.get("train")),
+        "stage": run_stage(i),
     }
     for i in infos
 ]
@@ -74,7 +74,12 @@ if not curves.empty:
     for col, (y, title) in zip(cols, CURVES.items(), strict=True):
         chart(plots.curves_figure(curves, y, title=title), where=col, key=f"run-{y}")
 elif opened:
-    st.caption("Not trained (calibration only): no training curves.")
+    stages = {run_stage(run.info) for run in opened}
+    st.caption(f"No QAT in {' or '.join(sorted(stages))} runs: no training curves.")
+units = saved_units(opened)
+if not units.empty:
+    st.subheader("Block-wise reconstruction" + (" of both runs" if len(opened) == 2 else ""))
+    chart(plots.units_figure(units), key="run-units")
 for run in opened:
     st.subheader(run.info.name)
     st.write(f"Status: **{run.info.status}** {run.info.message}")

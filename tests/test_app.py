@@ -387,3 +387,46 @@ def test_range_lab_moves_with_its_sliders_and_snaps(calibrated, manager):
     init = manager.latest("calibrate").result.initial["lsq+"].init_frame().set_index("name")
     want = init.loc["blocks.0.0.conv_dw", ["lo", "hi"]].to_list()
     assert list(at.slider(key="lab_range").value) == pytest.approx(want, rel=1e-4)
+
+
+def test_runs_page_names_each_runs_stage_and_draws_reconstruction(tmp_path, monkeypatch):
+    """A reconstructed run is not "not trained": the table says each run's stage and a run's
+    reconstruction is drawn unit by unit (a reconstruction that stopped before its QAT counts as
+    reconstructed, whatever training it was set up for)."""
+    from lsq.config import make_config
+    from lsq.runs import Run
+
+    monkeypatch.setenv("LSQ_RUNS_DIR", str(tmp_path))
+    recon = {"iters": 60}
+    kinds = {
+        "lsq+": ({"train": None}, {"stage": "reconstructed", "reconstruct": recon}),
+        "lsq": ({"train": {"steps": 20}}, {"stage": "reconstructed", "reconstruct": recon}),
+        "minmax": ({"train": None}, {"stage": "initialised"}),
+        "lsq-signed": ({"train": {"steps": 20}}, {"stage": "trained", "reconstruct": recon}),
+    }
+    for method, (meta, after) in kinds.items():
+        run = Run.create("efficientnet_lite0", make_config(method, 4, 4), meta=meta, root=tmp_path)
+        if after.get("reconstruct"):
+            units = {"unit": ["stem", "blocks.0.0"], "index": [0, 1], "before": [1.0, 0.5],
+                     "after": [0.2, 0.1]}  # fmt: skip
+            run.write_table("units", pd.DataFrame(units))
+        run.update_meta(**after)
+        run.finish()
+    at = AppTest.from_file(str(ROOT / "pages/runs.py"), default_timeout=60)
+    at.run()
+    table = at.dataframe[0].value
+    stages = dict(zip(table["label"].str.split().str[0], table["stage"], strict=True))
+    assert stages == {
+        "lsq+": "reconstructed",
+        "lsq": "reconstructed",
+        "minmax": "initialised",
+        "lsq-signed": "reconstructed, then trained",
+    }
+    by_method = dict(zip(table["label"].str.split().str[0], table["run"], strict=True))
+    at.multiselect[0].set_value([by_method["lsq+"], by_method["lsq"]]).run()
+    assert not at.exception, at.exception
+    captions = " ".join(c.value for c in at.caption)
+    assert "Not trained" not in captions and "reconstructed runs" in captions
+    (units,) = figures(at)
+    assert "reconstruction" in units["layout"]["title"]["text"]
+    assert {name.split(",")[0] for name in trace_names(units)} == {"lsq+", "lsq"}

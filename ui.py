@@ -316,16 +316,19 @@ def _job_progress(job_id: str) -> None:
 
 
 def comparison_or_stop(why: str) -> Comparison:
-    """The latest published results of the last calibration, labelled with their settings.
+    """The latest published results of the last calibration that finished, labelled with their
+    settings (a later calibration that failed or was stopped is shown above them, and does not
+    take them away).
 
     That is the calibration's own (initialised) results, or those of the last training of that
     calibration which ended with results. Without a finished calibration, says ``why`` one is
     needed and stops the page.
     """
     manager = job_manager()
-    calib = manager.latest("calibrate")
-    if calib is None or calib.status != Status.DONE:
-        show_job(calib)
+    latest, calib = manager.latest("calibrate"), manager.latest_done("calibrate")
+    if latest is not calib:  # running, or failed/stopped: say so above the last good results
+        show_job(latest)
+    if calib is None:
         st.info(f"Calibrate first (Calibrate page){why}.")
         st.stop()
     comp = calib.result

@@ -113,7 +113,7 @@ class JobManager:
             self._jobs[job.id] = job
             self._order.append(job.id)
             while len(self._order) > self._keep:
-                self._jobs.pop(self._order.pop(0), None)
+                self._jobs.pop(self._order.pop(self._oldest_expendable()), None)
             job.status = Status.RUNNING
             job.started = time.time()
         thread = threading.Thread(target=self._run, args=(job, fn), daemon=True, name=job.title)
@@ -137,6 +137,17 @@ class JobManager:
             free_cached()  # the job's private model copies, on a GPU
             job.finished = time.time()
 
+    def _oldest_expendable(self) -> int:
+        """Where in ``_order`` the oldest job lies that is not its kind's newest done one (the
+        results the pages show are never dropped for a run of failures)."""
+        keep, kinds = set(), set()
+        for jid in reversed(self._order):
+            job = self._jobs[jid]
+            if job.status == Status.DONE and job.kind not in kinds:
+                keep.add(jid)
+                kinds.add(job.kind)
+        return next((i for i, jid in enumerate(self._order) if jid not in keep), 0)
+
     def active(self) -> Job | None:
         for jid in reversed(self._order):
             job = self._jobs.get(jid)
@@ -155,6 +166,11 @@ class JobManager:
 
     def latest(self, kind: str | None = None) -> Job | None:
         return next(iter(self.jobs(kind)), None)
+
+    def latest_done(self, kind: str) -> Job | None:
+        """The newest job of ``kind`` that finished with its results: a later one that failed,
+        was stopped or is still running does not hide them."""
+        return next((j for j in self.jobs(kind) if j.status == Status.DONE), None)
 
     def wait(self, job: Job, timeout: float = 600.0) -> Job:
         """Block until ``job`` ends (tests and the CLI); raises LSQError on timeout."""

@@ -8,7 +8,6 @@ from lsq import plots
 from lsq.explorer import calibrate_job, collapse_note, health_frame, layer_view
 from lsq.jobs import Job
 from lsq.runs import list_runs
-from lsq.status import Status
 from ui import chart, job_manager, settings, show_job, show_metrics, submit
 
 st.title("Calibrate and initialise")
@@ -24,15 +23,18 @@ else:
         )
         job = new or job
 show_job(job)
+done = job_manager().latest_done("calibrate")  # a failed or stopped one keeps these on show
 
-if job is None or job.status != Status.DONE:
+if done is None:
     if job is None:
         st.info("Press Calibrate to record activations and initialise each method's ranges.")
         if list_runs():
             st.page_link("pages/runs.py", label="Earlier results are saved: open them on Runs")
     st.stop()
 
-comp = job.result
+comp = done.result
+if done is not job:
+    st.info("Below: the last calibration that finished.")
 st.caption(f"Results of: {comp.settings.label}")
 if s is not None and comp.settings != s:
     st.info("Showing the last calibration, made with other settings; press Calibrate to update.")

@@ -430,3 +430,27 @@ def test_runs_page_names_each_runs_stage_and_draws_reconstruction(tmp_path, monk
     (units,) = figures(at)
     assert "reconstruction" in units["layout"]["title"]["text"]
     assert {name.split(",")[0] for name in trace_names(units)} == {"lsq+", "lsq"}
+
+
+def test_a_failed_calibration_keeps_the_last_results_on_the_pages(calibrated, manager):
+    """A calibration that fails (a bad image folder) says so, and the results of the last one
+    that finished stay on the Calibrate and Train pages (they were replaced by "Calibrate
+    first"); a run of failures never pushes them out of the job list."""
+    from lsq.errors import LSQError
+
+    good = manager.latest_done("calibrate")
+
+    def bad_folder(job):
+        raise LSQError("the image folder /nowhere does not exist")
+
+    for _ in range(manager._keep + 2):
+        manager.wait(
+            manager.submit(Job("calibrate", "Calibration", {"settings": SMALL}), bad_folder)
+        )
+    assert manager.latest("calibrate").status == "failed"
+    assert manager.latest_done("calibrate") is good
+    for page in ("pages/calibrate.py", "pages/train.py"):
+        at = small_app(page)
+        assert any("/nowhere does not exist" in e.value for e in at.error), page
+        assert not any("Calibrate first" in i.value for i in at.info), page
+        assert any(good.result.settings.label in c.value for c in at.caption), page

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import streamlit as st
@@ -17,6 +18,7 @@ from lsq import plots
 from lsq.config import HIGH_BITS, METHODS, WEIGHT_INIT_CHOICES
 from lsq.errors import LSQError
 from lsq.explorer import Comparison, Settings
+from lsq.health import FLOAT_MODEL, group_findings
 from lsq.jobs import Job, JobManager
 from lsq.models import BUNDLED
 from lsq.pipeline import DataConfig, ModelSpec
@@ -45,6 +47,17 @@ SOURCES = {
 }
 
 
+#: Presentation mode's text outside the charts: the page's captions, tables, table cells and
+#: metrics at projector size (the charts are ``plots.presentation``'s).
+PRESENT_CSS = """<style>
+[data-testid="stCaptionContainer"], [data-testid="stCaptionContainer"] p { font-size: 1.35rem; }
+[data-testid="stTable"] td, [data-testid="stTable"] th { font-size: 1.3rem; }
+[data-testid="stMarkdownContainer"] p { font-size: 1.3rem; }
+[data-testid="stMetricValue"] { font-size: 2.6rem; }
+[data-testid="stMetricLabel"] p { font-size: 1.3rem; }
+</style>"""
+
+
 def sidebar() -> Settings | None:
     """Draw the shared sidebar; returns its Settings, or None (saying why) when invalid.
 
@@ -60,6 +73,8 @@ def sidebar() -> Settings | None:
         help="Every chart with large fonts and dark tick labels, for a projector.",
         bind="query-params",
     )
+    if st.session_state.get("present"):
+        st.html(PRESENT_CSS)  # the text around the charts too: captions, tables, metrics
     sb.header("Model")
     label = sb.selectbox("Source", list(SOURCES), key="model_source")
     source = SOURCES[label]
@@ -285,6 +300,23 @@ def save_upload(upload, kind: str, index: int | None = None) -> Path:
     return target
 
 
+def kept_widgets(defaults: dict, reset: Iterable[str] = ()) -> None:
+    """Start each widget key of ``defaults`` from its last value, else from its default.
+
+    Streamlit drops a widget's value when a run does not draw it (another page was shown), so
+    each value is also kept under a shadow key that no widget owns. ``reset`` keys go back to
+    their defaults (a new calibration, say).
+    """
+    for key, value in defaults.items():
+        shadow = f"_kept.{key}"
+        if key in reset:
+            st.session_state.pop(key, None)
+            st.session_state.pop(shadow, None)
+        if key not in st.session_state:
+            st.session_state[key] = st.session_state.get(shadow, value)
+        st.session_state[shadow] = st.session_state[key]
+
+
 def show_job(job: Job | None) -> None:
     """Progress of a running job (refreshing itself each second), or how the last one ended.
 
@@ -377,6 +409,42 @@ def show_metrics(frame) -> None:
             "logit_sqnr_db": st.column_config.NumberColumn("logit SQNR (dB)", format="%.1f"),
         },
     )
+
+
+def show_commands(comp: Comparison, stage: str = "initialised") -> None:
+    """Each method's result as the ``python -m lsq run`` line that computes it headless."""
+    commands = comp.commands(stage)
+    if not commands:
+        return
+    with st.expander("Reproduce in the command line"):
+        for method, line in commands.items():
+            st.caption(method)
+            st.code(line, language="bash")
+
+
+def show_health(findings) -> None:
+    """Health findings as the pages show them: the float model's once, then one row per check
+    and method (its worst layers first), every finding layer by layer in an expander."""
+    if findings.empty:
+        st.success("No findings: every method's ranges look healthy.")
+        return
+    groups = group_findings(findings).rename(columns={"worst": "worst layers"})
+    model = groups["method"] == FLOAT_MODEL
+    if model.any():
+        st.caption("The float model's findings, once: every method starts from its weights.")
+        st.table(groups[model].drop(columns="method"), hide_index=True)
+    if model.all():
+        st.success("No method adds a finding of its own.")
+    else:
+        st.caption("Each method's findings: one row per check, its worst layers first.")
+        st.table(groups[~model], hide_index=True)
+    with st.expander(f"Every finding, layer by layer ({len(findings)})"):
+        st.dataframe(
+            findings,
+            hide_index=True,
+            column_order=["method", "layer", "check", "reason"],
+            column_config={"reason": st.column_config.TextColumn(width="large")},
+        )
 
 
 def submit(job: Job, fn) -> Job | None:

@@ -398,10 +398,13 @@ class Checks:
         saved = save_result(bench, result, root=self.runs / "export")
         report = export_run(saved.run_path, "onnx", parity_views=self.size.parity_views)
         p = report.parity
-        return (
+        note = (
             f"{what}, ONNX Runtime vs fake-quant on {int(p['views'])} views: agreement "
             f"{p['agreement']:.3f}, KL {p['kl']:.1e}, logit SQNR {p['logit_sqnr_db']:.1f} dB"
         )
+        if report.parity_warning:
+            note += f"; warning: {report.parity_warning}"
+        return note
 
     def torchrun_resume(self) -> str:
         """``lsq train`` under torchrun, killed after its first checkpoint, then resumed."""

@@ -24,7 +24,7 @@ from lsq.analysis import grid_at_step, grid_levels, histogram_frame, layer_table
 from lsq.config import METHODS, WEIGHT_INIT_CHOICES, QuantConfig, make_config, resolve_weight_init
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
-from lsq.health import model_health
+from lsq.health import combine, model_health
 from lsq.jobs import Job
 from lsq.lab import (
     LabSetting,
@@ -41,6 +41,7 @@ from lsq.pipeline import (
     ModelSpec,
     Stage,
     Workbench,
+    command,
     finish_run,
     history_frames,
     init_method,
@@ -198,6 +199,11 @@ class Comparison:
             rows.append({"method": method, "config": r.config.label, "stage": label, **r.metrics})
         return pd.DataFrame(rows)
 
+    def commands(self, stage: Stage | str = Stage.INITIALISED) -> dict[str, str]:
+        """Each method's ``python -m lsq run`` line for its result at ``stage`` (the methods
+        that reached it): the same numbers, headless."""
+        return {m: command(self.bench, r) for m, r in self.results(stage).items()}
+
     def ranges_frame(self) -> pd.DataFrame:
         """Every layer's initial input range of every method (long format)."""
         frames = []
@@ -226,8 +232,68 @@ def collapse_note(comp: Comparison) -> str | None:
         f"{metrics[best]:.2f}): post-training quantization alone breaks this model. The "
         "sensitivity view on the Layers page shows which layers cause it; switching "
         "'Quantize weights' off shows the activations alone; the low-bit recipe on the Train "
-        "page (block-wise reconstruction, then QAT) repairs it."
+        f"page ({RECIPES[default_recipe(s)].lower()}) repairs it."
     )
+
+
+def levels_in_use(init: pd.DataFrame) -> pd.Series:
+    """Per layer (rows of ``MethodResult.init_frame``): how many of its input grid's levels lie
+    within the range of inputs calibration saw. A grid far wider than its inputs, or one with
+    half its levels on a sign that never occurs, quantizes with few of them."""
+    levels = 2.0 ** init["bits"]
+    step = (init["hi"] - init["lo"]) / (levels - 1)
+    low = init[["lo", "observed_min"]].max(axis=1)
+    high = init[["hi", "observed_max"]].min(axis=1)
+    inside = ((high - low) / step).clip(lower=0).fillna(0).astype(int) + 1
+    return inside.clip(upper=levels.astype(int))
+
+
+def init_notes(comp: Comparison) -> dict[str, str]:
+    """Why each method that ends far below the best right after init does (agreement under
+    half the best's): its layers' quantization error against the best method's, its grids'
+    levels that fall outside the inputs, and the sign a signed grid spends on inputs that are
+    never negative."""
+    agreement = {m: r.metrics_init["agreement"] for m, r in comp.initial.items()}
+    if not agreement:
+        return {}
+    best = max(agreement, key=agreement.get)
+    best_mse = comp.initial[best].init_frame().set_index("name")["mse"]
+    notes = {}
+    for method, r in comp.initial.items():
+        if agreement[method] >= agreement[best] / 2:
+            continue
+        init = r.init_frame()
+        ratio = init.set_index("name")["mse"] / best_mse.clip(lower=1e-30)
+        causes = [
+            f"its layers' inputs quantize with {ratio.median():.1f}× {best}'s error in the median "
+            f"layer ({int((ratio > 1).sum())} of {len(init)} layers worse)"
+        ]
+        too_wide = levels_in_use(init) < 2 ** init["bits"] / 2
+        if too_wide.any():
+            causes.append(
+                f"{int(too_wide.sum())} grids reach so far past their inputs that fewer than "
+                "half their levels are used"
+            )
+        wasted = init["signed"] & (init["observed_min"] >= 0)
+        if wasted.any():
+            causes.append(
+                f"{int(wasted.sum())} layers never see a negative input, yet their signed grid "
+                "keeps half its levels for negatives"
+            )
+        text = f"{method} (agreement {agreement[method]:.2f} against {best}'s "
+        text += f"{agreement[best]:.2f}): " + "; ".join(causes)
+        if r.config.act_init == "lsq":
+            text += (
+                ". LSQ's init, 2·mean|x|/√Qp, is where LSQ starts training, not a calibrated "
+                "range: QAT moves it"
+            )
+        notes[method] = text + "."
+    return notes
+
+
+def repair_label(settings: Settings) -> str:
+    """The link from a collapse to the Train page, naming the recipe that page opens on."""
+    return f"Repair it on the Train page: {RECIPES[default_recipe(settings)].lower()}"
 
 
 def calibrate_job(job: Job, settings: Settings, save: bool = True) -> Comparison:
@@ -503,14 +569,16 @@ def learned_settings(comp: Comparison, layer: str) -> dict[str, LabSetting]:
 
 
 def health_frame(comp: Comparison, stage: Stage | str = Stage.INITIALISED) -> pd.DataFrame:
-    """Health findings of every method at ``stage`` (reading the snapshots only), with method."""
-    frames = []
+    """Health findings of every method at ``stage`` (reading the snapshots only), one row per
+    layer and finding: method, layer, check, reason, severity. The float model's findings
+    (``lsq.health.FLOAT_CHECKS``, the same in every method) come once, first, as method
+    ``lsq.health.FLOAT_MODEL``; ``lsq.health.group_findings`` makes the pages' table of it."""
+
+    reports = {}
     for method, r in comp.results(stage).items():
         traj = history_frames(list(r.history))[1] if r.history else None
-        df = model_health(r.model, comp.bench.stats or {}, traj)
-        df.insert(0, "method", method)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        reports[method] = model_health(r.model, comp.bench.stats or {}, traj)
+    return combine(reports)
 
 
 def intro_view(bits: int) -> tuple[pd.DataFrame, list[tuple]]:

@@ -16,6 +16,16 @@ saved run (``run_health``, from its ``layers.csv``, ``state.safetensors`` and
   changes add up to at least OSCILLATION times their net movement: most flips are undone, the
   weights bounce between two levels instead of learning (training counts the flips per step and
   layer, ``lsq.train.WeightFlips``; ``trajectories.csv`` keeps them).
+
+Each finding carries a ``severity`` (larger is worse; per check: the share of inputs negative,
+of channels dead or at the floor, of weights flipping; how many times too wide or collapsed; how
+many data spans the offset lies away) to name a check's worst layers first.
+
+Reported for several methods (the app's pages) or runs (``lsq health``), ``combine`` keeps the
+float model's findings once: a check in FLOAT_CHECKS reads only a layer's weights, never a
+quantizer, so what it finds in every method is the float model's (every method starts from its
+weights), not any method's. ``group_findings`` then gives one row per check and method: how many
+layers, the worst few, and one short reason; the per-layer rows stay the detail.
 """
 
 from __future__ import annotations
@@ -65,11 +75,34 @@ CHECKS = (
     "dead_channels",
     "weight_oscillation",
 )
-COLUMNS = ["layer", "check", "reason"]
+COLUMNS = ["layer", "check", "reason", "severity"]
+#: Checks that read only a layer's weights (no quantizer, no activation): what they find is the
+#: float model's while the weights are its own. Every other check reads a quantizer's scale,
+#: offset or grid (or how QAT moved them), so it belongs to a method.
+FLOAT_CHECKS = frozenset({"dead_channels"})
+#: The method column's value for the float model's findings, reported once.
+FLOAT_MODEL = "float model"
+#: Layers named per grouped row, worst first.
+WORST = 3
+#: A grouped row's reason when the check fired in more than one layer; {worst} is the largest
+#: severity (one layer: that layer's own reason).
+SUMMARIES = {
+    "negative_input": "negative inputs clipped to 0 on an unsigned grid (up to {worst:.0%} of "
+    "a layer's inputs)",
+    "scale_floor": "scales at the floor ({floor:g}) though their inputs or weights are not zero",
+    "scale_collapse": "input scale shrank during QAT (up to {worst:.3g}x)",
+    "offset_outside": "offset outside the inputs seen (up to {worst:.3g} data spans away)",
+    "range_too_wide": "range much wider than the data: most levels unused (up to {worst:.3g}x)",
+    "dead_channels": "output channels with zero weights: they add nothing (up to {worst:.1%} "
+    "of a layer's channels)",
+    "weight_oscillation": "weights bounce across a rounding boundary during QAT (up to "
+    "{worst:.1%} of a layer's weights a step)",
+}
+GROUP_COLUMNS = ["method", "check", "layers", "worst", "reason"]
 
 
-def _finding(layer: str, check: str, reason: str) -> dict:
-    return {"layer": layer, "check": check, "reason": reason}
+def _finding(layer: str, check: str, reason: str, severity: float) -> dict:
+    return {"layer": layer, "check": check, "reason": reason, "severity": float(severity)}
 
 
 def check_ranges(layers: pd.DataFrame) -> list[dict]:
@@ -96,6 +129,7 @@ def check_ranges(layers: pd.DataFrame) -> list[dict]:
                     name,
                     "negative_input",
                     f"{share} negative (min {dmin:.3g}) on an unsigned grid: all clipped to 0",
+                    neg if math.isfinite(neg) else 1.0,
                 )
             )
         span = dmax - dmin
@@ -107,6 +141,7 @@ def check_ranges(layers: pd.DataFrame) -> list[dict]:
                         name,
                         "offset_outside",
                         f"offset {lo:.3g} lies {where} input seen ([{dmin:.3g}, {dmax:.3g}])",
+                        max(lo - dmax, dmin - lo) / span,
                     )
                 )
         width = hi - lo
@@ -118,6 +153,7 @@ def check_ranges(layers: pd.DataFrame) -> list[dict]:
                     "range_too_wide",
                     f"range [{lo:.3g}, {hi:.3g}] is {width / max(used, 1e-30):.3g}x wider than "
                     f"the data it covers ([{dmin:.3g}, {dmax:.3g}]): most levels never used",
+                    width / max(used, 1e-30),
                 )
             )
     return out
@@ -140,6 +176,7 @@ def check_state(state: Mapping[str, Tensor], layers: list[str]) -> list[dict]:
                     "scale_floor",
                     f"input scale {float(state[a_key].float().min()):.3g} is at the floor "
                     f"({SCALE_FLOOR:g}): every input maps to one or two levels",
+                    1.0,
                 )
             )
         dead = torch.zeros(0, dtype=torch.bool)
@@ -154,6 +191,7 @@ def check_state(state: Mapping[str, Tensor], layers: list[str]) -> list[dict]:
                         "dead_channels",
                         f"{int(dead.sum())} of {len(dead)} output channels are dead (weights zero "
                         f"or below {DEAD_RELATIVE:g} of the layer's largest): they add nothing",
+                        float(dead.float().mean()),
                     )
                 )
         if wq_key in state:
@@ -168,6 +206,7 @@ def check_state(state: Mapping[str, Tensor], layers: list[str]) -> list[dict]:
                         "scale_floor",
                         f"{int(low.sum())} weight channel scale(s) at the floor ({SCALE_FLOOR:g}) "
                         "though their weights are not zero",
+                        float(low.float().mean()),
                     )
                 )
     return out
@@ -193,6 +232,7 @@ def check_trajectories(traj: pd.DataFrame | None) -> list[dict]:
                     "scale_collapse",
                     f"input scale fell from {scales[0]:.3g} to {scales[-1]:.3g} in {steps} steps "
                     f"({scales[0] / max(scales[-1], 1e-30):.3g}x smaller)",
+                    scales[0] / max(scales[-1], 1e-30),
                 )
             )
     return out
@@ -225,6 +265,7 @@ def check_flips(traj: pd.DataFrame | None) -> list[dict]:
                     f"{share:.1%} of its {n:.0f} weights cross a rounding boundary each step "
                     f"(last {len(late)} steps), yet {flips:.0f} flips moved them {net:.0f} codes "
                     "net: they bounce between two levels",
+                    share,
                 )
             )
     return out
@@ -260,7 +301,8 @@ def range_facts(model: nn.Module, stats: Mapping[str, ActStats]) -> pd.DataFrame
 def model_health(
     model: nn.Module, stats: Mapping[str, ActStats], trajectories: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Every finding on a live quantized model: layer, check, reason (empty when healthy)."""
+    """Every finding on a live quantized model: layer, check, reason, severity (empty when
+    healthy)."""
     names = list(quant_layers(model))
     state = {k: v.detach() for k, v in model.state_dict().items()}
     return _frame(
@@ -272,7 +314,7 @@ def model_health(
 
 
 def run_health(run) -> pd.DataFrame:
-    """Every finding on a saved run (``lsq.runs.LoadedRun``): layer, check, reason."""
+    """Every finding on a saved run (``lsq.runs.LoadedRun``): layer, check, reason, severity."""
     layers = run.tables.get("layers")
     names = list(layers["layer"]) if layers is not None and "layer" in layers else []
     state = run.state if run.state is not None else {}
@@ -282,3 +324,74 @@ def run_health(run) -> pd.DataFrame:
         + check_trajectories(run.tables.get("trajectories"))
         + check_flips(run.tables.get("trajectories"))
     )
+
+
+def combine(reports: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per-method reports (method or run: its ``model_health``/``run_health``) as one frame with
+    a method column, the float model's findings once.
+
+    A finding of a FLOAT_CHECKS check that every method in ``reports`` has, word for word, is
+    kept once, first, its method FLOAT_MODEL; one that only some have (their weights changed in
+    training) stays with each of them. Every other finding stays with its method.
+    """
+    frames = {m: r for m, r in reports.items() if r is not None and not r.empty}
+    columns = ["method", *COLUMNS]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+
+    def keys(r: pd.DataFrame | None) -> set[tuple]:
+        if r is None or r.empty:
+            return set()
+        r = r[r["check"].isin(FLOAT_CHECKS)]
+        return set(zip(r["layer"], r["check"], r["reason"], strict=True))
+
+    shared = set.intersection(*(keys(r) for r in reports.values()))
+    out, first = [], None
+    for method, r in frames.items():
+        key = pd.Series(list(zip(r["layer"], r["check"], r["reason"], strict=True)), index=r.index)
+        mine = key.isin(shared)
+        if first is None and mine.any():
+            first = r[mine].assign(method=FLOAT_MODEL)
+        out.append(r[~mine].assign(method=method))
+    frame = pd.concat(([first] if first is not None else []) + out, ignore_index=True)
+    return frame[columns]
+
+
+def _layers(names: list[str]) -> str:
+    more = f" (+{len(names) - WORST} more)" if len(names) > WORST else ""
+    return ", ".join(names[:WORST]) + more
+
+
+def group_findings(findings: pd.DataFrame) -> pd.DataFrame:
+    """One row per method and check (``combine``'s frame, or one report without a method): the
+    number of layers, the WORST worst of them (by severity) and one short reason, that layer's
+    own where only one layer has it. Methods in their order, the float model first; checks in
+    CHECKS order."""
+    if findings is None or findings.empty:
+        return pd.DataFrame(columns=GROUP_COLUMNS)
+    if "method" not in findings.columns:
+        findings = findings.assign(method="")
+    rows = []
+    methods = list(dict.fromkeys(findings["method"]))
+    order = {c: i for i, c in enumerate(CHECKS)}
+    for (_, check), sub in sorted(
+        findings.groupby(["method", "check"], sort=False),
+        key=lambda kv: (methods.index(kv[0][0]), order.get(kv[0][1], len(order))),
+    ):
+        sub = sub.sort_values("severity", ascending=False, kind="stable")
+        names = list(dict.fromkeys(sub["layer"]))
+        worst = float(sub["severity"].max())
+        if len(names) == 1:
+            reason = "; ".join(dict.fromkeys(sub["reason"].astype(str)))
+        else:
+            reason = SUMMARIES.get(check, check).format(worst=worst, floor=SCALE_FLOOR)
+        rows.append(
+            {
+                "method": sub["method"].iloc[0],
+                "check": check,
+                "layers": len(names),
+                "worst": _layers(names),
+                "reason": reason,
+            }
+        )
+    return pd.DataFrame(rows, columns=GROUP_COLUMNS)

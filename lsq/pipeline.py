@@ -295,6 +295,8 @@ class MethodResult:
     #: Block-wise reconstruction, when it came before: its settings and each unit's errors.
     recon_config: ReconstructConfig | None = None
     recon_history: tuple[ReconstructEvent, ...] = ()
+    #: The QAT settings of the last training, when trained.
+    train_config: TrainConfig | None = None
 
     @property
     def metrics(self) -> Mapping[str, float]:
@@ -386,6 +388,7 @@ def train_method(
         message=message,
         seconds={**result.seconds, "train": time.perf_counter() - t0},
         run_path=None,
+        train_config=train_cfg,
     )
 
 
@@ -500,9 +503,22 @@ def finish_run(run, bench: Workbench, result: MethodResult) -> MethodResult:
         seconds=dict(result.seconds),
         stage=str(result.stage),
         reconstruct=recon,
+        command=command(bench, result),
     )
     run.finish(result.status, result.message)
     return dataclasses.replace(result, run_path=run.path)
+
+
+def command(bench: Workbench, result: MethodResult) -> str:
+    """The ``python -m lsq run`` line that computes ``result`` headless (``lsq.command``)."""
+    from lsq.command import run_command
+
+    device = bench.device.type if bench.device != resolve_device("auto") else "auto"
+    train = result.train_config if result.stage == Stage.TRAINED else None
+    line = run_command(bench.spec, bench.data, result.config, train, result.recon_config, device)
+    if train is not None and result.steps != train.steps:
+        line += f"  # continued runs: {result.steps} QAT steps in all"
+    return line
 
 
 def save_result(

@@ -664,8 +664,9 @@ def histogram_panels_figure(
     heads = []
     for m in methods:
         text = f"<b>{m}</b>"
-        if data is not None and typed[m].bounds():
-            text += f" · {clip_text(clip_summary(data, typed[m]))}"
+        if data is not None and typed[m].bounds():  # on lines of their own: never cut off
+            clipped = clip_text(clip_summary(data, typed[m]))
+            text += "<br>" + clipped.replace(": ", ":<br>", 1).replace("; ", ";<br>")
         if notes and notes.get(m):
             text += f"<br>{notes[m]}"
         heads.append(text)
@@ -1212,6 +1213,8 @@ PRESENT_SCALE = 1.4
 PRESENT_TICK = 20
 PRESENT_INK = "#111111"
 PRESENT_GRID = "#B0B0B0"
+#: Labelled ticks on an axis at most (50 layer names at 20 px pile into a block): every k-th.
+PRESENT_MAX_TICKS = 17
 #: Colours of text that carries no meaning of its own (plotly's default, greys): made ink.
 _PLAIN_TEXT = {None, "", "#7F7F7F", "#444", "#2a3f5f", "gray", "grey"}
 #: Annotations longer than this (characters) break after their first "; " in presentation mode.
@@ -1252,6 +1255,9 @@ def presentation(fig: go.Figure) -> go.Figure:
 
     def axis(ax) -> None:
         size = ax.tickfont.size  # set on purpose when small (50 layer names): scaled
+        if ax.tickvals is not None and len(ax.tickvals) > PRESENT_MAX_TICKS:
+            every = math.ceil(len(ax.tickvals) / PRESENT_MAX_TICKS)  # a label a tick: a block
+            ax.update(tickvals=ax.tickvals[::every], ticktext=(ax.ticktext or ())[::every] or None)
         ax.update(
             tickfont={"size": PRESENT_TICK if size is None else _bigger(size, PRESENT_TICK)},
             title_font={"size": _bigger(ax.title.font.size, font), **ink},

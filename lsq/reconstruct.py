@@ -517,7 +517,7 @@ def reconstruct(
                         "with the last good state. Lower the learning rates.",
                     )  # fmt: skip
                     return
-                rec_value = float(rec) if beta is not None else value
+                rec_value = float(rec.detach()) if beta is not None else value
                 yield ReconstructEvent(
                     "step", unit.name, k, len(units), step + 1, total,
                     loss=rec_value, seconds=time.perf_counter() - start,

@@ -5,10 +5,26 @@ from pathlib import Path
 import streamlit as st
 
 from lsq import plots
-from lsq.explorer import calibrate_job, collapse_note, health_frame, layer_view
+from lsq.explorer import (
+    calibrate_job,
+    collapse_note,
+    health_frame,
+    init_notes,
+    layer_view,
+    repair_label,
+)
 from lsq.jobs import Job
 from lsq.runs import list_runs
-from ui import chart, job_manager, settings, show_job, show_metrics, submit
+from ui import (
+    chart,
+    job_manager,
+    settings,
+    show_commands,
+    show_health,
+    show_job,
+    show_metrics,
+    submit,
+)
 
 st.title("Calibrate and initialise")
 s = settings()
@@ -46,10 +62,13 @@ if comp.bench.skipped:
 
 st.subheader("Right after init, against the float model")
 show_metrics(comp.metrics_frame("initialised"))
+show_commands(comp, "initialised")
+for note in init_notes(comp).values():
+    st.caption(note)
 note = collapse_note(comp)
 if note:
     st.warning(note)
-    st.page_link("pages/train.py", label="Repair it: block-wise reconstruction, then QAT")
+    st.page_link("pages/train.py", label=repair_label(comp.settings))
 
 st.subheader("Every layer's input range, right after init")
 log_scale = st.toggle("Symmetric log scale", value=True, help="ranges span -70…70 and 0…6")
@@ -63,12 +82,7 @@ hist, grids, observed = layer_view(comp, layer)
 chart(plots.histogram_panels_figure(hist, grids, observed), key="hist")
 
 st.subheader("Health checks, right after init")
-findings = health_frame(comp)
-if findings.empty:
-    st.success("No findings: every method's ranges look healthy.")
-else:
-    st.caption(f"{len(findings)} finding(s); each says what looks wrong and why it matters.")
-    st.dataframe(findings, hide_index=True, key="health")
+show_health(health_frame(comp))
 with st.expander("Saved runs"):
     for method, path in comp.runs.items():
         st.write(f"{method}: `{Path(path).name}`")

@@ -8,7 +8,7 @@ import streamlit as st
 from lsq import plots
 from lsq.errors import LSQError
 from lsq.explorer import compare_runs_frame, saved_curves, saved_units
-from lsq.export import export_file, export_run
+from lsq.export import export_file, export_run, parity_warning
 from lsq.runs import list_runs, load_run, run_stage, runs_root
 from lsq.status import Status
 from ui import chart
@@ -84,6 +84,9 @@ for run in opened:
     st.subheader(run.info.name)
     st.write(f"Status: **{run.info.status}** {run.info.message}")
     meta = run.info.meta
+    if meta.get("command"):
+        st.caption("The same run, headless:")
+        st.code(meta["command"], language="bash")
     st.json(
         {
             "config": run.info.config,
@@ -129,7 +132,10 @@ for run in opened:
             except OSError as e:  # the export folder could not be created
                 col.error(f"cannot create the export folder {out.parent}: {e.strerror or e}")
         parity = st.session_state.get(done_key)
-        if parity:
+        warning = parity_warning(parity) if parity else ""  # below the bar, and where
+        if warning:
+            col.warning(warning)
+        elif parity:
             col.caption(
                 f"ONNX Runtime vs fake-quant on {int(parity['views'])} evaluation views: "
                 f"agreement {parity['agreement']:.3f}, KL {parity['kl']:.2e}, "

@@ -22,8 +22,20 @@ from lsq.jobs import Job
 from lsq.reconstruct import ReconstructConfig
 from lsq.status import Status
 from lsq.train import OPTIMIZERS, TrainConfig
-from ui import chart, comparison_or_stop, latest_job, show_job, show_metrics, submit
+from ui import (
+    chart,
+    comparison_or_stop,
+    kept_widgets,
+    latest_job,
+    show_commands,
+    show_health,
+    show_job,
+    show_metrics,
+    submit,
+)
 
+#: Seconds between redraws of the live charts while a job runs (the progress line: every second).
+LIVE_CHARTS_EVERY = 10.0
 #: The form's defaults: one home, ``TrainConfig`` and ``ReconstructConfig``.
 DEFAULT = TrainConfig()
 RECON = ReconstructConfig()
@@ -32,104 +44,115 @@ st.title("Train: block-wise reconstruction and QAT")
 comp = comparison_or_stop(": training starts from the initialised ranges")
 methods_all = list(comp.initial)
 
-with st.form("train"):
-    recipes = list(RECIPES)
-    recipe = st.radio(
-        "Recipe",
-        recipes,
-        index=recipes.index(default_recipe(comp.settings)),
-        format_func=RECIPES.get,
-        horizontal=True,
-        help="Block-wise reconstruction repairs one block at a time against the float block's "
-        "output (BRECQ/QDrop with LSQ+'s learnable offsets): what makes 4-bit weights work on "
-        "a few photos. QAT then fine-tunes the whole network against the float logits.",
-    )
-    c1, c2, c3 = st.columns(3)
-    methods = c1.multiselect("Methods to train", methods_all, default=methods_all[:2])
-    steps = c1.number_input("QAT steps", min_value=1, max_value=2000, value=DEFAULT.steps, step=5)
-    iters = c1.number_input(
-        "Reconstruction iterations per block",
-        min_value=1,
-        max_value=5000,
-        value=RECON.iters,
-        step=10,
-    )
+# No form: Enter in a number commits that number instead of starting a job, and the fields of
+# the chosen recipe alone are shown. The choices outlive a visit to another page
+# (ui.kept_widgets); their defaults come from TrainConfig and ReconstructConfig.
+defaults = {
+    "train_recipe": default_recipe(comp.settings),
+    "train_methods": methods_all[:2],
+    "train_steps": DEFAULT.steps,
+    "train_iters": RECON.iters,
+    "train_recon_start": RECON.weight_init,
+    "train_rounding": RECON.rounding,
+    "train_optimizer": DEFAULT.optimizer,
+    "train_batch": DEFAULT.batch_size,
+    "train_lr_w": DEFAULT.lr_weights,
+    "train_lr_a": DEFAULT.lr_act_quant,
+    "train_lr_wq": DEFAULT.lr_weight_quant,
+    "train_resume": False,
+}
+new_calibration = st.session_state.get("train_for") != comp.calibration
+st.session_state["train_for"] = comp.calibration
+kept_widgets(defaults, reset=("train_recipe", "train_methods") if new_calibration else ())
 
-    def choice(label: str, labels: dict[str, str], default: str, help: str) -> str:
-        """One of ``labels``' keys, shown by its label, starting at ``default``."""
-        keys = list(labels)
-        return c1.selectbox(
-            label, keys, index=keys.index(default), format_func=labels.get, help=help
-        )
+recipe = st.radio(
+    "Recipe",
+    list(RECIPES),
+    format_func=RECIPES.get,
+    horizontal=True,
+    key="train_recipe",
+    help="Block-wise reconstruction repairs one block at a time against the float block's "
+    "output (BRECQ/QDrop with LSQ+'s learnable offsets): what makes 4-bit weights work on "
+    "a few photos. QAT fine-tunes the whole network against the float logits.",
+)
+reconstructs, trains = recipe != "qat", recipe != "reconstruct"
+c1, c2, c3 = st.columns(3)
+methods = c1.multiselect("Methods to train", methods_all, key="train_methods")
+if trains:
+    c1.number_input("QAT steps", min_value=1, max_value=2000, step=5, key="train_steps")
+if reconstructs:
+    c1.number_input(
+        "Reconstruction iterations per block", min_value=1, max_value=5000, step=10,
+        key="train_iters",
+    )  # fmt: skip
 
-    recon_start = choice(
+    def choice(label: str, labels: dict[str, str], key: str, help: str) -> str:
+        """One of ``labels``' keys, shown by its label."""
+        return c1.selectbox(label, list(labels), format_func=labels.get, key=key, help=help)
+
+    choice(
         "Reconstruction starts the weights from",
         RECON_WEIGHT_STARTS,
-        RECON.weight_init,
+        "train_recon_start",
         "The MSE search gives every layer the least weight error before its block is "
         "repaired; on the bundled model at W4A4 it ended better than LSQ+'s mean +- 3 sigma.",
     )
-    rounding = choice(
+    choice(
         "Reconstruction learns the weights by",
         RECON_ROUNDINGS,
-        RECON.rounding,
+        "train_rounding",
         "AdaRound (learned rounding) keeps each weight within one step of where it was and "
         "learns whether it rounds down or up, as BRECQ and QDrop do with 20,000 iterations per "
         "block. With the few iterations of this recipe, training the weights through the "
         "rounding ended better on the bundled model (W4A4 at 160 px: KL 0.43 against 0.55).",
     )
-    optimizer = c2.selectbox("Optimizer", OPTIMIZERS, index=OPTIMIZERS.index(DEFAULT.optimizer))
-    batch = c2.number_input("Batch size", min_value=1, max_value=256, value=DEFAULT.batch_size)
+if trains:
+    c2.selectbox("Optimizer", OPTIMIZERS, key="train_optimizer")
+    c2.number_input("Batch size", min_value=1, max_value=256, key="train_batch")
     c3.caption("QAT learning rates (reconstruction uses its own relative rates)")
-    lr_w = c3.number_input(
-        "LR weights", min_value=0.0, max_value=10.0, value=DEFAULT.lr_weights, format="%.1e"
+    c3.number_input("LR weights", min_value=0.0, max_value=10.0, format="%.1e", key="train_lr_w")
+    c3.number_input(
+        "LR activation scale/offset", min_value=0.0, max_value=10.0, format="%.1e",
+        key="train_lr_a",
+    )  # fmt: skip
+    c3.number_input(
+        "LR weight scales", min_value=0.0, max_value=10.0, format="%.1e", key="train_lr_wq"
     )
-    lr_a = c3.number_input(
-        "LR activation scale/offset",
-        min_value=0.0,
-        max_value=10.0,
-        value=DEFAULT.lr_act_quant,
-        format="%.1e",
-    )
-    lr_wq = c3.number_input(
-        "LR weight scales",
-        min_value=0.0,
-        max_value=10.0,
-        value=DEFAULT.lr_weight_quant,
-        format="%.1e",
-    )
-    resume = c2.checkbox(
+    c2.checkbox(
         "Continue the trained runs",
+        key="train_resume",
         help="Off: every training starts from the initialised ranges (a new, independent run). "
         "On: methods already trained continue from where their last run ended.",
     )
-    go = st.form_submit_button("Train", type="primary")
+go = st.button("Train", type="primary", key="train_go")
 
 if go:
+    ss = st.session_state
     try:
         cfg = dataclasses.replace(
             DEFAULT,
-            steps=int(steps),
-            batch_size=int(batch),
-            optimizer=optimizer,
-            lr_weights=float(lr_w),
-            lr_act_quant=float(lr_a),
-            lr_weight_quant=float(lr_wq),
+            steps=int(ss["train_steps"]),
+            batch_size=int(ss["train_batch"]),
+            optimizer=ss["train_optimizer"],
+            lr_weights=float(ss["train_lr_w"]),
+            lr_act_quant=float(ss["train_lr_a"]),
+            lr_weight_quant=float(ss["train_lr_wq"]),
             device=comp.settings.device,
         )
         recon = None
-        if recipe != "qat":
+        if reconstructs:
             recon = dataclasses.replace(
                 RECON,
-                iters=int(iters),
-                weight_init=recon_start,
-                rounding=rounding,
+                iters=int(ss["train_iters"]),
+                weight_init=ss["train_recon_start"],
+                rounding=ss["train_rounding"],
                 device=comp.settings.device,
             )
-        if recipe == "reconstruct":
+        if not trains:
             cfg = None
         if not methods:
             raise LSQError("choose at least one method to train")
+        resume = bool(ss["train_resume"]) and trains
         params = {"methods": methods, "calibration": comp.calibration, "settings": comp.settings}
         submit(
             Job("train", f"{RECIPES[recipe]}: {', '.join(methods)}", params),
@@ -179,6 +202,8 @@ def draw(replay: bool = False) -> None:
 
 st.subheader(job.title)
 if job.active:
+    # The browser runs on the machine that trains: the progress line every second, the charts
+    # (plotly figures the browser lays out again each time) every LIVE_CHARTS_EVERY seconds.
 
     @st.fragment(run_every=1.0)
     def live() -> None:
@@ -188,9 +213,13 @@ if job.active:
         if st.button("Stop", key="stop-train"):
             job.request_stop()
             st.toast("Stopping after the current step…")
+
+    @st.fragment(run_every=LIVE_CHARTS_EVERY)
+    def live_charts() -> None:
         draw()
 
     live()
+    live_charts()
 else:
     show_job(job)
     shown = job.result if job.result is not None else comp
@@ -203,8 +232,7 @@ else:
             "after init."
         )
         show_metrics(shown.metrics_frame(stage))
-        health = health_frame(shown, stage)
-        if not health.empty:
-            st.caption("Health checks of the results above (one line per finding):")
-            st.dataframe(health, hide_index=True)
+        show_commands(shown, stage)
+        st.caption(f"Health checks of the results above ({stage}):")
+        show_health(health_frame(shown, stage))
     draw(replay=True)

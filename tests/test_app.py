@@ -240,7 +240,7 @@ def test_train_page_trains_and_draws_curves(calibrated, manager):
 
 def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, manager):
     at = small_app("pages/train.py")
-    at.radio[0].set_value("reconstruct+qat")
+    at.radio[0].set_value("reconstruct+qat").run()  # its fields appear
     [n for n in at.number_input if n.label == "QAT steps"][0].set_value(1)
     [n for n in at.number_input if n.label.startswith("Reconstruction iter")][0].set_value(2)
     [b for b in at.selectbox if b.label.startswith("Reconstruction starts")][0].set_value("keep")
@@ -316,6 +316,10 @@ def test_presentation_mode_from_the_url_enlarges_the_charts():
     assert big["layout"]["xaxis"]["tickfont"]["color"] == PRESENT_INK
     assert "tickfont" not in plain["layout"].get("xaxis", {})
     assert at.get("plotly_chart")[0].proto.theme == ""  # not Streamlit's small grey theme
+    # The text around the charts grows too (captions, tables, metrics): one style sheet.
+    assert [h.proto.body for h in at.get("html")] == [ui.PRESENT_CSS]
+    at.sidebar.toggle(key="present").set_value(False).run()
+    assert not at.get("html")
 
 
 def test_runs_page_shows_training_curves_and_fitting_compare_headers(tmp_path, monkeypatch):
@@ -454,3 +458,55 @@ def test_a_failed_calibration_keeps_the_last_results_on_the_pages(calibrated, ma
         assert any("/nowhere does not exist" in e.value for e in at.error), page
         assert not any("Calibrate first" in i.value for i in at.info), page
         assert any(good.result.settings.label in c.value for c in at.caption), page
+
+
+def test_train_page_shows_the_chosen_recipes_fields_and_keeps_them_across_pages(
+    calibrated, manager
+):
+    """No form: the fields of the chosen recipe alone are shown, a number typed (Enter
+    included) starts nothing, and the choices are still there after visiting another page."""
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, at.exception
+
+    def fields() -> set[str]:
+        return {
+            w.label for w in [*at.number_input, *at.selectbox] if (w.key or "").startswith("train_")
+        }
+
+    assert at.radio(key="train_recipe").value == "qat"  # W8: QAT alone
+    assert "QAT steps" in fields() and not any(f.startswith("Reconstruction") for f in fields())
+    at.radio(key="train_recipe").set_value("reconstruct").run()
+    assert "QAT steps" not in fields() and "Reconstruction iterations per block" in fields()
+    at.radio(key="train_recipe").set_value("qat").run()
+    trains = len(manager.jobs("train"))
+    at.number_input(key="train_steps").set_value(7).run()
+    assert not at.get("form") and len(manager.jobs("train")) == trains
+    at.switch_page("pages/runs.py").run()
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="train_steps").value == 7
+
+
+def test_each_result_shows_the_cli_command_that_gives_its_numbers(calibrated, manager, tmp_path):
+    """The Calibrate page's "Reproduce in the command line" line, run headless, computes the
+    very numbers the page shows; the saved run carries the same line."""
+    import shlex
+
+    from lsq.cli import main
+    from lsq.runs import list_runs
+
+    at = small_app("pages/calibrate.py")
+    lines = [c.value for c in at.code if c.value.startswith("python -m lsq run")]
+    assert len(lines) == len(METHODS)
+    line = next(x for x in lines if "--method lsq+ " in x)
+    comp = manager.latest_done("calibrate").result
+    saved = {i.meta.get("command") for i in list_runs() if str(i.path) in comp.runs.values()}
+    assert line in saved
+    assert main(["--runs-dir", str(tmp_path), *shlex.split(line)[3:]]) == 0
+    (info,) = list_runs(tmp_path)
+    app = comp.initial["lsq+"].metrics_init
+    cli = info.meta["metrics_init"]
+    assert cli["agreement"] == pytest.approx(app["agreement"], abs=1e-9)
+    assert cli["kl"] == pytest.approx(app["kl"], rel=1e-5)

@@ -8,6 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from lsq.cli import main
+from lsq.export import ExportLayer
 from lsq.runs import Run, list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,40 @@ def test_cli_exports_onnx_and_prints_the_parity(runs_dir, run_path, capsys):
     # The per-layer summary: every LSQ+ offset folded, the stem and the 16 depthwise convs
     # (padded) with a bias per output position.
     assert "offset routes: fold 50 (17 padded convs with a border bias)" in out
+    assert "warning" not in out  # within the parity bar
+
+
+def plant_bias_error(monkeypatch, layer: str, amount: float) -> None:
+    """Exports made in the test add ``amount`` to ``layer``'s exported bias: an exporter that
+    computes something else at that layer only (as ONNX Runtime's rounded biases did)."""
+    original = ExportLayer.from_quant_layer
+
+    def planted(name, *args, **kwargs):
+        exported = original(name, *args, **kwargs)
+        if name == layer:
+            exported.bias += amount
+        return exported
+
+    monkeypatch.setattr(ExportLayer, "from_quant_layer", planted)
+
+
+def test_cli_warns_when_the_export_is_below_the_parity_bar(run_path, capsys, tmp_path, monkeypatch):
+    plant_bias_error(monkeypatch, "blocks.3.1.conv_dw", 0.5)
+    out_file = tmp_path / "m.onnx"
+    # Exit status 0: the file is written as asked; the warning says what it is worth.
+    assert main(["export", str(run_path), "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert out_file.is_file()
+    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, out
+    (warning,) = warnings
+    assert "below the parity bar" in warning and "agreement" in warning and "KL" in warning
+    assert "First diverging layer: blocks.3.1.conv_dw" in warning
+    # With the per-layer table asked for, the same layer is named from that table.
+    assert main(["export", str(run_path), "--out", str(out_file), "--layer-table"]) == 0
+    out = capsys.readouterr().out
+    assert "First diverging layer: blocks.3.1.conv_dw" in out
+    assert "output_same_input_db" in out
 
 
 def test_cli_recomputes_the_per_layer_table_on_the_exported_graph(run_path, capsys, tmp_path):
@@ -117,6 +152,23 @@ def test_runs_page_exports_and_offers_the_download(runs_dir, run_path):
     assert not at.exception, at.exception
     assert any("only a complete run" in e.value for e in at.error)
     assert not (failed / "export" / "model.onnx").exists()
+
+
+def test_runs_page_warns_with_the_diverging_layer_when_parity_is_below_the_bar(
+    runs_dir, run_path, monkeypatch
+):
+    plant_bias_error(monkeypatch, "blocks.3.1.conv_dw", 0.5)
+    at = AppTest.from_file(str(ROOT / "pages" / "runs.py"), default_timeout=120)
+    at.run()
+    at.multiselect[0].set_value([run_path.name]).run()
+    at.button(key=f"do-export-onnx-{run_path.name}").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    (warning,) = [w.value for w in at.warning if "parity bar" in w.value]
+    assert "First diverging layer: blocks.3.1.conv_dw" in warning
+    assert not any("agreement" in c.value for c in at.caption)  # the warning instead
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Download model.onnx" in labels  # written all the same
 
 
 def test_layers_page_shows_each_offsets_distance_to_its_snapped_zero_point():

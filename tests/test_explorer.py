@@ -6,6 +6,7 @@ Tiny random resnet10t at 32 px on the CPU, so each test takes seconds.
 import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from helpers import on_step
@@ -209,3 +210,44 @@ def test_train_page_labels_every_reconstruction_choice():
 
     assert tuple(RECON_WEIGHT_STARTS) == RECON_WEIGHT_INITS
     assert tuple(RECON_ROUNDINGS) == ROUNDINGS
+
+
+def test_the_repair_link_names_the_recipe_the_train_page_opens_on():
+    """At 4-bit weights the Train page opens on reconstruction alone (the measured recipe), and
+    the Calibrate page's link and collapse note say that recipe, not another."""
+    from lsq.explorer import RECIPES, default_recipe, repair_label
+
+    low, high = Settings(w_bits=4, a_bits=4), Settings(w_bits=8, a_bits=4)
+    assert default_recipe(low) == "reconstruct" and default_recipe(high) == "qat"
+    assert repair_label(low).endswith(RECIPES["reconstruct"].lower())
+    assert "then QAT" not in repair_label(low)
+
+
+def test_a_method_far_below_the_best_after_init_is_told_why():
+    """The note names, with the init report's own numbers, the layers where a method's grid
+    is worse: its error against the best method's, grids that reach far past their inputs
+    (levels counted by hand below), and signed grids on inputs that are never negative."""
+    from lsq.calibrate import LayerInit
+    from lsq.config import make_config
+    from lsq.explorer import Comparison, init_notes, levels_in_use
+    from lsq.pipeline import MethodResult
+
+    def layer(name, lo, hi, signed, mse):  # inputs seen: [0, 6], 4 bits
+        return LayerInit(name, "conv", 4, signed, False, lo, hi, 0.0, 6.0, 0.0, mse)
+
+    good = [layer("a", 0.0, 6.0, False, 0.01), layer("b", 0.0, 5.0, False, 0.02)]
+    # a: step 24/15 = 1.6, levels at 0, 1.6, ... within [0, 6]: 4 of 16; b: [-4, 4] -> 0..4
+    # in steps of 8/15: 8 levels (half) inside, so not "fewer than half".
+    bad = [layer("a", -12.0, 12.0, True, 0.05), layer("b", -4.0, 4.0, True, 0.06)]
+    assert list(levels_in_use(pd.DataFrame([vars(x) for x in bad]))) == [4, 8]
+    initial = {
+        "lsq+": MethodResult(make_config("lsq+"), None, tuple(good), {"agreement": 0.9}),
+        "lsq-signed": MethodResult(make_config("lsq-signed"), None, tuple(bad), {"agreement": 0.1}),
+        "minmax": MethodResult(make_config("minmax"), None, tuple(good), {"agreement": 0.5}),
+    }
+    notes = init_notes(Comparison(Settings(), None, initial))
+    assert list(notes) == ["lsq-signed"]  # minmax, at 0.5 of 0.9, is within half the best
+    note = notes["lsq-signed"]
+    assert "4.0× lsq+'s error in the median layer (2 of 2 layers worse)" in note
+    assert "1 grids reach so far past their inputs" in note
+    assert "2 layers never see a negative input" in note and "LSQ's init" in note

@@ -19,6 +19,8 @@ from lsq.analysis import sqnr_db
 from lsq.calibrate import calibrate
 from lsq.convert import quant_layers
 from lsq.export import (
+    PARITY_MIN_AGREEMENT,
+    ExportLayer,
     _OffsetBias,
     deploy_model,
     export_onnx,
@@ -28,6 +30,7 @@ from lsq.export import (
     onnx_layer_table,
     onnx_logits,
     onnx_parity,
+    parity_warning,
 )
 
 
@@ -128,6 +131,138 @@ def test_onnx_runtime_matches_the_fake_quant_model_on_a_random_timm_model(resnet
     with torch.no_grad():
         expected = deployed(x)
     assert sqnr_db(expected, onnx_logits(report.path, x)) >= 30
+
+
+def optimized_by_onnx_runtime(path, tmp_path):
+    """The graph ONNX Runtime runs: the file after its default (all) graph optimizations."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3  # not its note that the saved graph suits this machine only
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(opts.optimized_model_filepath)
+
+
+def test_onnx_runtime_keeps_every_bias_in_float(resnet, tmp_path):
+    # ONNX Runtime (1.30, WeightBiasQuantization) turns Conv(DQ(x), DQ(w), float bias) into an
+    # int32 bias at scale s_x * s_w[c]: the bias rounded to a multiple of a step that is coarse
+    # at 4 bits (and at ORT_ENABLE_ALL fuses some into QLinearConv, int32 bias too). The exporter
+    # adds every bias after the Conv, so nothing can round it. Failed before the fix.
+    x = torch.randn(4, 3, 32, 32)
+    model = quantized(resnet, make_config("lsq", 4, 4, first_last_bits=None), x)
+    report = export_onnx(model, tmp_path / "m.onnx", x)
+    graph = optimized_by_onnx_runtime(report.path, tmp_path).graph
+    int32 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT32}
+    quantized_biases = [
+        n.name
+        for n in graph.node
+        if n.op_type.startswith("QLinear")
+        or (n.op_type == "DequantizeLinear" and n.input[0] in int32)
+    ]
+    assert not quantized_biases
+
+
+def bundled_parity_case(bench, method, bits, tmp_path, recon_iters=0):
+    """A method at W{bits}A{bits} as the app makes it (its default weight init), exported with
+    the default offset route; onnx_parity's figures on the bench's evaluation views."""
+    from lsq.config import resolve_weight_init
+    from lsq.pipeline import init_method, reconstruct_method
+    from lsq.reconstruct import ReconstructConfig
+
+    config = make_config(method, bits, bits, weight_init=resolve_weight_init(method, bits))
+    result = init_method(bench, config)
+    if recon_iters:
+        cfg = ReconstructConfig(iters=recon_iters, device="cpu", compile=False)
+        result = reconstruct_method(bench, result, cfg)
+    report = export_onnx(result.model, tmp_path / "m.onnx", bench.eval[:1])
+    return onnx_parity(result.model, report.path, bench.eval)
+
+
+@pytest.fixture(scope="module")
+def bench96():
+    """The bundled model at 96 px as the app prepares it: 32 calibration views, 64 evaluation
+    views for parity, 32 views for reconstruction."""
+    from lsq.pipeline import DataConfig, ModelSpec, prepare
+
+    data = DataConfig(resolution=96, calib_views=32, eval_views=64, recon_views=32)
+    return prepare(ModelSpec(), data, "cpu")
+
+
+def test_lsq_w4a4_with_signed_inputs_exports_within_the_parity_bar(bench96, tmp_path):
+    # The report: LSQ W4A4 (signed 4-bit inputs where calibration saw negatives) exported at
+    # agreement 0.56 against its fake-quant model. Before the fix, here: agreement 0.375, KL
+    # 0.53, first diverging layer blocks.0.0.conv_dw (its bias rounded by ONNX Runtime).
+    parity = bundled_parity_case(bench96, "lsq", 4, tmp_path)
+    assert parity["within_tolerance"], parity
+    assert parity["agreement"] >= PARITY_MIN_AGREEMENT and parity["kl"] <= parity["kl_tolerance"]
+
+
+def assert_within_the_bar_or_only_float_rounding_flips(parity):
+    """agreement >= 0.95 and KL <= 10x the float64 floor; the one way short of it that is not the
+    exporter's: agreement only, where the fake-quant model's own float64 copy also flips top-1
+    on some views, and every layer matches the fake-quant layer on its own input."""
+    assert parity["kl"] <= parity["kl_tolerance"], parity
+    if parity["agreement"] < PARITY_MIN_AGREEMENT:
+        assert parity["floor_agreement"] < 1 and parity["located"], parity
+        assert parity["first_divergent_layer"] is None, parity
+
+
+#: Every method of the app at both of its bit-widths.
+PARITY_CASES = [(m, b) for m in ("lsq+", "lsq", "lsq-signed", "minmax") for b in (8, 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "bits"), PARITY_CASES)
+def test_every_method_and_bit_width_exports_within_the_parity_bar(bench96, method, bits, tmp_path):
+    # Measured before the fix (bench/export_parity.py, 96 px, 32 views): LSQ W4A4 0.375 / KL
+    # 0.53, signed LSQ W4A4 0.28 / 0.24, min/max W4A4 0.53 / 1.9, LSQ W8A8 0.91 / 1.9e-2.
+    assert_within_the_bar_or_only_float_rounding_flips(
+        bundled_parity_case(bench96, method, bits, tmp_path)
+    )
+
+
+@pytest.mark.slow
+def test_a_reconstructed_lsq_w4a4_model_exports_within_the_parity_bar(bench96, tmp_path):
+    # Before the fix: agreement 0.41, KL 2.1, blocks.0.0.conv_dw diverging (96 px, 5 iterations).
+    assert_within_the_bar_or_only_float_rounding_flips(
+        bundled_parity_case(bench96, "lsq", 4, tmp_path, recon_iters=3)
+    )
+
+
+def plant_bias_error(monkeypatch, layer: str, amount: float) -> None:
+    """Every export made in the test adds ``amount`` to ``layer``'s exported bias: an exporter
+    that computes something else at that layer only."""
+    original = ExportLayer.from_quant_layer
+
+    def planted(name, *args, **kwargs):
+        exported = original(name, *args, **kwargs)
+        if name == layer:
+            exported.bias += amount
+        return exported
+
+    monkeypatch.setattr(ExportLayer, "from_quant_layer", planted)
+
+
+def test_an_export_below_the_bar_names_the_layer_that_diverges(bundled, tmp_path, monkeypatch):
+    float_model, views, held_out = bundled
+    model = quantized(float_model, make_config("lsq", 8, 8, weight_init="mse"), views)
+    good = onnx_parity(model, export_onnx(model, tmp_path / "good.onnx", held_out).path, held_out)
+    # Measured: agreement 0.97, KL 0.019 against a float64 floor of 0.94 / 0.022 (64 px).
+    assert good["within_tolerance"] and not good["located"] and parity_warning(good) == ""
+    plant_bias_error(monkeypatch, "blocks.3.1.conv_dw", 0.5)
+    path = export_onnx(model, tmp_path / "bad.onnx", held_out).path
+    bad = onnx_parity(model, path, held_out)
+    assert not bad["within_tolerance"] and bad["first_divergent_layer"] == "blocks.3.1.conv_dw"
+    assert bad["first_divergent_db"] < 40
+    warning = parity_warning(bad)
+    assert "below the parity bar" in warning and "blocks.3.1.conv_dw" in warning
+    assert "\n" not in warning
+    same_input = onnx_layer_table(model, path, held_out[:8]).set_index("layer")
+    same_input = same_input["output_same_input_db"]
+    # Every other layer is exact on its own input (measured 114 dB and more): only that one
+    # computes something else, the layers after it merely see another input.
+    assert (same_input.drop("blocks.3.1.conv_dw") >= 90).all(), same_input
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -12,7 +12,17 @@ from lsq.analysis import layer_table
 from lsq.calibrate import calibrate
 from lsq.cli import main
 from lsq.convert import quant_layers
-from lsq.health import CHECKS, model_health, run_health
+from lsq.health import (
+    CHECKS,
+    FLOAT_MODEL,
+    SUMMARIES,
+    WORST,
+    check_ranges,
+    combine,
+    group_findings,
+    model_health,
+    run_health,
+)
 from lsq.quantizers import SCALE_FLOOR
 from lsq.runs import Run, load_run
 
@@ -36,9 +46,14 @@ class Net(nn.Module):
 VIEWS = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def build(method: str = "lsq+", bits: int = 8):
+def build(method: str = "lsq+", bits: int = 8, dead: bool = False):
+    """Net quantized with ``method`` and calibrated; ``dead``: the float model's layer c has a
+    dead output channel (0), as the bundled model has in 28 layers."""
     torch.manual_seed(0)
     model = Net().eval()
+    if dead:
+        with torch.no_grad():
+            model.c.weight[0].zero_()
     config = make_config(method, bits, bits)
     quantize_model(model, config)
     stats, _ = calibrate(model, VIEWS.split(4), config)
@@ -54,7 +69,7 @@ def test_a_healthy_model_has_no_findings():
     healthy_traj = pd.DataFrame({"step": [0, 1, 2], "layer": "b", "scale": [1.0, 0.95, 0.9]})
     report = model_health(model, stats, healthy_traj)
     assert report.empty, report.to_string()
-    assert list(report.columns) == ["layer", "check", "reason"]
+    assert list(report.columns) == ["layer", "check", "reason", "severity"]
 
 
 def test_negative_inputs_into_an_unsigned_grid():
@@ -125,7 +140,7 @@ def test_a_saved_run_gives_the_same_findings_and_the_cli_prints_them(tmp_path, c
     saved = run_health(load_run(run.name, root=tmp_path))
     assert found(saved) == found(live) and len(saved) >= 3
     assert set(saved["check"]) <= set(CHECKS)
-    assert main(["--runs-dir", str(tmp_path), "health", run.name]) == 0
+    assert main(["--runs-dir", str(tmp_path), "health", run.name, "--layers"]) == 0
     out = capsys.readouterr().out
     assert "negative_input" in out and "dead_channels" in out and " c " in f" {out} "
 
@@ -232,3 +247,113 @@ def test_training_counts_flips_only_in_the_layers_it_trains():
     frozen = dataclasses.replace(cfg, train_weights=False)
     steps = [e for e in train(model, teacher, VIEWS, VIEWS, frozen) if e.kind == "step"]
     assert set(steps[-1].flips) == {"b", "c", "fc"}
+
+
+# ------------------------------------------- the float model's findings once, grouped by check
+
+FOUR = ("lsq+", "lsq", "lsq-signed", "minmax")
+
+
+def comparison(methods, dead: bool = True, change=None):
+    """A ``Comparison`` of ``methods`` right after init on Net (the float model with a dead
+    channel in layer c when ``dead``); ``change(method, layers)`` alters a method's quantizers."""
+    from types import SimpleNamespace
+
+    from lsq.explorer import Comparison, Settings
+
+    initial, stats = {}, None
+    for method in methods:
+        model, method_stats = build(method, dead=dead)
+        stats = stats or method_stats
+        if change is not None:
+            change(method, quant_layers(model), method_stats)
+        initial[method] = SimpleNamespace(model=model, history=())
+    return Comparison(Settings(), SimpleNamespace(stats=stats), initial)
+
+
+def test_the_float_models_finding_appears_once_for_four_methods():
+    from lsq.explorer import health_frame
+
+    findings = health_frame(comparison(FOUR))
+    dead = findings[findings["check"] == "dead_channels"]
+    assert list(zip(dead["method"], dead["layer"], strict=True)) == [(FLOAT_MODEL, "c")]
+    assert "1 of 8 output channels" in dead["reason"].iloc[0]
+    assert list(findings["method"])[0] == FLOAT_MODEL  # first, above the methods
+    groups = group_findings(findings)
+    assert groups[groups["check"] == "dead_channels"][["method", "layers"]].values.tolist() == [
+        [FLOAT_MODEL, 1]
+    ]
+    # A finding only some methods have is theirs: trained weights that died in one method.
+    one = combine(
+        {
+            "lsq+": model_health(*build("lsq+", dead=True)),
+            "minmax": model_health(*build("minmax")),
+        }
+    )
+    assert set(one[one["check"] == "dead_channels"]["method"]) == {"lsq+"}
+
+
+def test_method_findings_still_show_up_grouped_by_check():
+    def change(method, layers, stats):
+        if method == "lsq+":  # a range 20x the one init chose, on layer c only
+            q = layers["c"].input_quant
+            q.set_range(q.scale.detach().clone() * 20, q.offset.detach().clone())
+
+    from lsq.explorer import health_frame
+
+    findings = health_frame(comparison(("lsq-unsigned", "lsq+", "minmax"), change=change))
+    groups = group_findings(findings).set_index(["method", "check"])
+    neg = groups.loc[("lsq-unsigned", "negative_input")]  # the image and three Swish outputs
+    assert neg["layers"] == 4 and neg["worst"] == "a, b, c (+1 more)"  # 51, 50, 46, 38 %
+    assert "unsigned grid" in neg["reason"] and "up to 51%" in neg["reason"]
+    wide = groups.loc[("lsq+", "range_too_wide")]
+    assert wide["layers"] == 1 and wide["worst"] == "c" and "wider than the data" in wide["reason"]
+    assert ("lsq+", "negative_input") not in groups.index
+    assert ("minmax", "range_too_wide") not in groups.index
+    assert (FLOAT_MODEL, "dead_channels") in groups.index
+    per_method = groups.reset_index().groupby("method").size()
+    assert (per_method <= len(CHECKS)).all()
+
+
+def test_a_check_in_many_layers_is_one_row_with_its_worst_layers_first():
+    shares = [0.2, 0.9, 0.05, 0.5, 0.3]
+    layers = pd.DataFrame(
+        {
+            "layer": [f"l{i}" for i in range(5)],
+            "grid": "unsigned",
+            "range_lo": 0.0,
+            "range_hi": 1.0,
+            "observed_min": -0.5,
+            "observed_max": 1.0,
+            "negative_fraction": shares,
+        }
+    )
+    findings = pd.DataFrame(check_ranges(layers))
+    assert len(findings) == 5
+    (row,) = group_findings(findings).to_dict("records")
+    assert row["layers"] == 5 and WORST == 3
+    assert row["worst"] == "l1, l3, l4 (+2 more)"  # 90 %, 50 %, 30 % negative
+    assert row["reason"] == SUMMARIES["negative_input"].format(worst=0.9)
+    assert len(row["reason"]) < 100  # short: the layer-by-layer reasons are the detail
+
+
+def test_cli_health_groups_as_the_page_the_float_model_once(tmp_path, capsys):
+    names = []
+    for method in ("lsq-unsigned", "lsq+"):
+        model, stats = build(method, dead=True)
+        run = Run.create("net", make_config(method, 8, 8), root=tmp_path)
+        run.write_table("layers", layer_table(model, stats))
+        run.write_state({k: v.detach() for k, v in model.state_dict().items()})
+        run.finish()
+        names.append(run.name)
+    assert main(["--runs-dir", str(tmp_path), "health", *names]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert out.count("dead_channels") == 1 and lines[0].startswith("float model: 1 finding")
+    assert "dead_channels" in lines[2] and "1 of 8 output channels" in lines[2]
+    unsigned = lines.index(f"{names[0]} (lsq-unsigned): 6 finding(s), one row per check")
+    assert lines[unsigned + 2].split()[:6] == ["negative_input", "4", "a,", "b,", "c", "(+1"]
+    assert f"{names[1]} (lsq+): no findings of its own" in lines
+    assert main(["--runs-dir", str(tmp_path), "health", *names, "--layers"]) == 0
+    detail = capsys.readouterr().out.split("every finding, layer by layer:")[1]
+    assert detail.count("negative_input") == 4 and detail.count("dead_channels") == 1

@@ -646,3 +646,28 @@ def test_replay_figure_draws_each_methods_grid_at_the_step():
     assert heads == ["<b>lsq+", "<b>lsq"]
     lines = trace(fig, "lsq+: 4 levels")
     assert sorted(set(points(lines.x))) == [-1.0, 0.0, 1.0, 2.0]
+
+
+def test_panel_heads_and_layer_axes_stay_readable_in_presentation_mode():
+    """A panel head puts what lies outside the range on lines of its own (one side each), so it
+    is never cut off at the right edge; in presentation mode an axis of 50 layer names labels
+    at most PRESENT_MAX_TICKS of them (every k-th, the first kept) instead of a block of text."""
+    import re
+
+    from lsq.plots import PRESENT_MAX_TICKS, histogram_panels_figure, presentation
+
+    hist = pd.DataFrame({"left": np.arange(8.0), "right": np.arange(1.0, 9.0), "count": [10] * 8})
+    grids = {"lsq+": {"levels": np.linspace(1.5, 6.0, 4), "lo": 1.5, "hi": 6.0}}
+    (head,) = [a.text for a in histogram_panels_figure(hist, grids).layout.annotations]
+    lines = [re.sub(r"<[^>]+>", "", line) for line in head.split("<br>")]
+    assert lines[0] == "lsq+" and len(lines) == 4 and max(map(len, lines)) <= 65, lines
+    rows = [
+        dict(method="lsq+", index=i, layer=f"blocks.{i}.conv_pw", kind="conv", output_sqnr_db=i)
+        for i in range(50)
+    ]
+    fig = layer_error_figure(pd.DataFrame(rows))
+    assert len(fig.layout.xaxis.ticktext) == 50
+    big = presentation(fig)
+    assert len(big.layout.xaxis.ticktext) <= PRESENT_MAX_TICKS
+    assert big.layout.xaxis.ticktext[0] == "0 · blocks.0.conv_pw"
+    assert len(big.layout.xaxis.tickvals) == len(big.layout.xaxis.ticktext)

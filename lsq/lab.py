@@ -54,6 +54,22 @@ class ErrorSplit:
     total: float
     clipped: float
     power: float
+    #: Shares of the values below and above the range, and of those within half a step of it
+    #: (mapped onto the end level just as rounding would map them): ``plots.clip_text``'s words.
+    below: float = 0.0
+    above: float = 0.0
+    below_near: float = 0.0
+    above_near: float = 0.0
+
+    def clip_summary(self) -> dict[str, float]:
+        """The exact shares outside the range, as ``plots.clip_summary`` estimates them from a
+        histogram: the caption and the chart say the same numbers."""
+        return {
+            "below": self.below,
+            "above": self.above,
+            "below_near": self.below_near,
+            "above_near": self.above_near,
+        }
 
     @property
     def sqnr_db(self) -> float:
@@ -77,7 +93,8 @@ def error_split(
     b = None if offset is None else torch.as_tensor(offset, dtype=torch.float64)
     err = (fake_quantize(x, s, b, qmin, qmax) - x).pow(2)
     v = (x - (0.0 if b is None else b)) / s
-    outside = (v < qmin) | (v > qmax)
+    below, above = v < qmin, v > qmax
+    outside = below | above
     n = x.numel()
     clip = float(err[outside].sum()) / n
     rnd = float(err[~outside].sum()) / n
@@ -87,6 +104,10 @@ def error_split(
         total=float(err.sum()) / n,
         clipped=float(outside.double().mean()),
         power=float(x.pow(2).mean()),
+        below=float(below.double().mean()),
+        above=float(above.double().mean()),
+        below_near=float((below & (v >= qmin - 0.5)).double().mean()),
+        above_near=float((above & (v <= qmax + 0.5)).double().mean()),
     )
 
 

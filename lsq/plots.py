@@ -647,11 +647,13 @@ def histogram_panels_figure(
     title: str = "Layer input: histogram and each method's grid",
     notes: Mapping[str, str] | None = None,
     keep_order: bool = False,
+    outside: Mapping[str, Mapping[str, float]] | None = None,
 ) -> go.Figure:
     """One panel per method (small multiples sharing the x axis): the same histogram, that
     method's levels (or range and tick band), its clipped region shaded, and the clipped share
-    written on the panel (``clip_text``). ``notes``: an extra line per method (an MSE, say).
-    Panels follow the usual method order, or the order of ``grids`` with ``keep_order``."""
+    written on the panel (``clip_text``; ``outside``: exact shares per method instead of the
+    histogram's estimate). ``notes``: an extra line per method (an MSE, say). Panels follow the
+    usual method order, or the order of ``grids`` with ``keep_order``."""
     data = _histogram_data(hist)
     methods = list(grids or {}) if keep_order else _ordered_methods(grids or {})
     typed = {m: Grid.from_dict(grids[m]) for m in methods}
@@ -664,8 +666,14 @@ def histogram_panels_figure(
     heads = []
     for m in methods:
         text = f"<b>{m}</b>"
-        if data is not None and typed[m].bounds():  # on lines of their own: never cut off
-            clipped = clip_text(clip_summary(data, typed[m]))
+        if outside and m in outside:  # exact shares, when the caller counted them
+            summary = outside[m]
+        elif data is not None and typed[m].bounds():
+            summary = clip_summary(data, typed[m])
+        else:
+            summary = None
+        if summary is not None:  # on lines of their own: never cut off
+            clipped = clip_text(summary)
             text += "<br>" + clipped.replace(": ", ":<br>", 1).replace("; ", ";<br>")
         if notes and notes.get(m):
             text += f"<br>{notes[m]}"
@@ -741,10 +749,23 @@ def intro_figure(
 
 
 def lab_figure(
-    hist: pd.DataFrame, grid: Grid, observed: tuple[float, float], label: str
+    hist: pd.DataFrame,
+    grid: Grid,
+    observed: tuple[float, float],
+    label: str,
+    outside: Mapping[str, float] | None = None,
 ) -> go.Figure:
-    """The range lab's picture: the layer's input histogram under the chosen grid."""
-    return histogram_panels_figure(hist, {label: grid}, observed, title="This layer's input")
+    """The range lab's picture: the layer's input histogram under the chosen grid. ``outside``:
+    the exact shares outside the range (``lsq.lab.ErrorSplit.clip_summary``), written on the
+    panel instead of the histogram's estimate (which spreads a spike, ReLU's zeros say, over
+    its bin)."""
+    return histogram_panels_figure(
+        hist,
+        {label: grid},
+        observed,
+        title="This layer's input",
+        outside=None if outside is None else {label: outside},
+    )
 
 
 def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:

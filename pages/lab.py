@@ -98,12 +98,13 @@ m[3].metric("Model KL to float", f"{result.kl:.4f}")
 m[4].metric("Top-1 agreement", f"{result.agreement:.0%}")
 share = split.clip / split.total if split.total > 0 else 0.0
 runs = f"{lab.units_run} of the network's units" if lab.units_run else "the whole model"
+outside = split.clip_summary()
 st.caption(
     f"Range [{setting.lo:.4g}, {setting.hi:.4g}], step {setting.scale:.4g}: clipping is "
-    f"{share:.0%} of this layer's input error, {split.clipped:.1%} of its inputs lie outside. "
+    f"{share:.0%} of this layer's input error; {plots.clip_text(outside)}. "
     f"Update: {result.seconds * 1000:.0f} ms on {len(lab.start)} views ({runs} rerun)."
 )
 chart(
-    plots.lab_figure(lab.histogram(), lab_grid(setting), lab.observed, COLOR_OF[grid]),
+    plots.lab_figure(lab.histogram(), lab_grid(setting), lab.observed, COLOR_OF[grid], outside),
     key="lab_hist",
 )

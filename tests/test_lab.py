@@ -47,6 +47,37 @@ def test_split_against_hand_values():
     s = error_split(torch.tensor([-1.0, 0.5, 3.0]), 1.0, None, 0, 2)
     assert s.clip == pytest.approx(2 / 3) and s.round == pytest.approx(0.25 / 3)
     assert s.clipped == pytest.approx(2 / 3)
+    # -1 is a whole step below (not within half a step); 3 is a whole step above.
+    assert s.clip_summary() == pytest.approx(
+        {"below": 1 / 3, "above": 1 / 3, "below_near": 0.0, "above_near": 0.0}
+    )
+
+
+def test_the_lab_caption_and_chart_say_the_same_share_outside_the_range():
+    """A ReLU6 input: 30 % exact zeros, under a range that starts a hair above 0 (LSQ+'s offset
+    after init). The chart's histogram spreads the zeros over its first bin, so it used to say
+    a share below the range far under the true one while the caption (exact) said 30 %; both now
+    write the exact shares, and the zeros are said to lie within half a step (rounded onto the
+    end level)."""
+    from lsq.lab import values_histogram
+    from lsq.plots import Grid, clip_text, lab_figure
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.zeros(3000), torch.rand(6600) * 6, torch.full((400,), 6.0)])
+    setting = LabSetting.from_range(4, "asymmetric", 0.008717, 5.937)
+    split = setting.split(x)
+    assert split.below == pytest.approx(0.3, abs=0.002)
+    assert split.above == pytest.approx(((x > 5.937).sum() / len(x)).item())
+    assert split.below_near == split.below  # the zeros: within half a step of the bound
+    outside = split.clip_summary()
+    levels = [setting.lo + k * setting.scale for k in range(16)]
+    grid = Grid(levels=levels, lo=setting.lo, hi=setting.hi)
+    hist = values_histogram(x, 200)
+    head = lab_figure(hist, grid, (0.0, 6.0), "lsq+", outside).layout.annotations[0].text
+    assert clip_text(outside).split(": ", 1)[1].split("; ")[0] in head.replace("<br>", " ")
+    assert f"below {split.below:.1%}, all within half a step" in head
+    estimated = lab_figure(hist, grid, (0.0, 6.0), "lsq+").layout.annotations[0].text
+    assert f"below {split.below:.1%}" not in estimated  # what the histogram alone said
 
 
 def test_no_clipping_error_when_the_range_covers_the_data():

@@ -199,11 +199,12 @@ def test_lsq_w4a4_with_signed_inputs_exports_within_the_parity_bar(bench96, tmp_
 
 
 def assert_within_the_bar_or_only_float_rounding_flips(parity):
-    """agreement >= 0.95 and KL <= 10x the float64 floor; the one way short of it that is not the
-    exporter's: agreement only, where the fake-quant model's own float64 copy also flips top-1
-    on some views, and every layer matches the fake-quant layer on its own input."""
+    """Within the bar (agreement >= 0.95, or the float64 copy's own agreement when lower, and
+    KL <= 10x the float64 floor); the one way short of it that is not the exporter's: agreement
+    only, where the fake-quant model's own float64 copy also flips top-1 on some views, and
+    every layer matches the fake-quant layer on its own input."""
     assert parity["kl"] <= parity["kl_tolerance"], parity
-    if parity["agreement"] < PARITY_MIN_AGREEMENT:
+    if not parity["within_tolerance"]:
         assert parity["floor_agreement"] < 1 and parity["located"], parity
         assert parity["first_divergent_layer"] is None, parity
 
@@ -248,7 +249,8 @@ def test_an_export_below_the_bar_names_the_layer_that_diverges(bundled, tmp_path
     float_model, views, held_out = bundled
     model = quantized(float_model, make_config("lsq", 8, 8, weight_init="mse"), views)
     good = onnx_parity(model, export_onnx(model, tmp_path / "good.onnx", held_out).path, held_out)
-    # Measured: agreement 0.97, KL 0.019 against a float64 floor of 0.94 / 0.022 (64 px).
+    # Measured: agreement 0.97, KL 0.019 against a float64 floor of 0.94 / 0.022 (64 px, one
+    # thread); with two: 0.94 / 0.043 against 0.94 / 0.029 (float64 flips as many top-1s).
     assert good["within_tolerance"] and not good["located"] and parity_warning(good) == ""
     plant_bias_error(monkeypatch, "blocks.3.1.conv_dw", 0.5)
     path = export_onnx(model, tmp_path / "bad.onnx", held_out).path

@@ -1,7 +1,7 @@
 """Training in the browser against the same engine headless, measured in one run.
 
     .venv/bin/python bench/app_speed.py             # ~5 min on 2 cores (Chromium included)
-    .venv/bin/python bench/app_speed.py --steps 20 --methods lsq+,lsq
+    .venv/bin/python bench/app_speed.py --steps 20
 
 1. The app (``streamlit run app.py``) in Debian's Chromium, driven by Playwright as a user: "Run
    the default" (the bundled Lite0 at 224 px, four methods at W8A4), then the Train page's QAT of
@@ -81,14 +81,6 @@ def browser_seconds(steps: int, methods: list[str], runs: Path) -> float:
             box.fill(str(steps))
             box.press("Enter")  # commits the number; starts nothing
             page.wait_for_selector(READY)
-            chosen = page.locator(".st-key-train_methods")
-            for tag in chosen.locator("[data-baseweb='tag']").all():  # clear, then choose
-                tag.locator("[role='presentation']").last.click()
-            for method in methods:
-                chosen.locator("input").click()
-                page.get_by_role("option", name=method, exact=True).click()
-            page.keyboard.press("Escape")
-            page.wait_for_selector(READY)
             page.get_by_role("button", name="Train", exact=True).click()
             done = page.get_by_text(re.compile(r"finished in \d+ s"))
             done.wait_for(timeout=1_800_000)
@@ -125,7 +117,9 @@ def headless_seconds(steps: int, methods: list[str]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--methods", default="lsq+,lsq")
+    p.add_argument(
+        "--methods", default="lsq+,lsq", help="the Train page's default two (what it trains)"
+    )
     args = p.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with tempfile.TemporaryDirectory() as tmp:

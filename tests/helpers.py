@@ -1,6 +1,9 @@
-"""Shared by the tests: a small network shaped like a timm model, and a job hook."""
+"""Shared by the tests: a small network shaped like a timm model, a job hook, and an exporter
+planted with one wrong layer."""
 
 from torch import nn
+
+from lsq.export import ExportLayer
 
 
 class Block(nn.Module):
@@ -50,3 +53,17 @@ def on_step(job, action):
 
     job.add_event = add_event
     return job
+
+
+def plant_bias_error(monkeypatch, layer: str, amount: float) -> None:
+    """Exports made in the test add ``amount`` to ``layer``'s exported bias: an exporter that
+    computes something else at that layer only (as ONNX Runtime's rounded biases did)."""
+    original = ExportLayer.from_quant_layer
+
+    def planted(name, *args, **kwargs):
+        exported = original(name, *args, **kwargs)
+        if name == layer:
+            exported.bias += amount
+        return exported
+
+    monkeypatch.setattr(ExportLayer, "from_quant_layer", planted)

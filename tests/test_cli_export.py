@@ -5,10 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import plant_bias_error
 from streamlit.testing.v1 import AppTest
 
 from lsq.cli import main
-from lsq.export import ExportLayer
 from lsq.runs import Run, list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,20 +46,6 @@ def test_cli_exports_onnx_and_prints_the_parity(runs_dir, run_path, capsys):
     # (padded) with a bias per output position.
     assert "offset routes: fold 50 (17 padded convs with a border bias)" in out
     assert "warning" not in out  # within the parity bar
-
-
-def plant_bias_error(monkeypatch, layer: str, amount: float) -> None:
-    """Exports made in the test add ``amount`` to ``layer``'s exported bias: an exporter that
-    computes something else at that layer only (as ONNX Runtime's rounded biases did)."""
-    original = ExportLayer.from_quant_layer
-
-    def planted(name, *args, **kwargs):
-        exported = original(name, *args, **kwargs)
-        if name == layer:
-            exported.bias += amount
-        return exported
-
-    monkeypatch.setattr(ExportLayer, "from_quant_layer", planted)
 
 
 def test_cli_warns_when_the_export_is_below_the_parity_bar(run_path, capsys, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import plant_bias_error
 from onnx import numpy_helper
 from safetensors import safe_open
 from timm.layers.conv2d_same import Conv2dSame
@@ -20,7 +21,6 @@ from lsq.calibrate import calibrate
 from lsq.convert import quant_layers
 from lsq.export import (
     PARITY_MIN_AGREEMENT,
-    ExportLayer,
     _OffsetBias,
     deploy_model,
     export_onnx,
@@ -229,20 +229,6 @@ def test_a_reconstructed_lsq_w4a4_model_exports_within_the_parity_bar(bench96, t
     assert_within_the_bar_or_only_float_rounding_flips(
         bundled_parity_case(bench96, "lsq", 4, tmp_path, recon_iters=3)
     )
-
-
-def plant_bias_error(monkeypatch, layer: str, amount: float) -> None:
-    """Every export made in the test adds ``amount`` to ``layer``'s exported bias: an exporter
-    that computes something else at that layer only."""
-    original = ExportLayer.from_quant_layer
-
-    def planted(name, *args, **kwargs):
-        exported = original(name, *args, **kwargs)
-        if name == layer:
-            exported.bias += amount
-        return exported
-
-    monkeypatch.setattr(ExportLayer, "from_quant_layer", planted)
 
 
 def test_an_export_below_the_bar_names_the_layer_that_diverges(bundled, tmp_path, monkeypatch):

@@ -18,7 +18,6 @@ import torch
 
 from lsq.errors import LSQError
 
-DEVICES = ("auto", "cpu", "cuda")
 #: The one default for bf16 autocast, on CUDA only (QAT, reconstruction, torchrun training): the
 #: quantizers compute in float32 whatever the input's dtype, so bf16 changes speed, not the grid.
 BF16 = True
@@ -67,10 +66,3 @@ def free_cached() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-
-
-def peak_memory_gib(device: torch.device | str) -> float | None:
-    """Peak GPU memory allocated since the last reset, in GiB (None on the CPU)."""
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated() / 2**30

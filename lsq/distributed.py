@@ -73,7 +73,7 @@ from lsq.device import resolve_device
 from lsq.errors import LSQError
 from lsq.models import load_model
 from lsq.pipeline import ModelSpec
-from lsq.quantizers import compile_failure, refresh_flags, set_kernels
+from lsq.quantizers import fallback_note, refresh_flags, set_kernels
 from lsq.reconstruct import ReconstructConfig, reconstruct, unit_frame
 
 # The project's one atomic writer (temp file, fsync, rename), for the checkpoints too.
@@ -1031,9 +1031,9 @@ class _Engine:
     def _initialise(self, root, report) -> str:
         """Rank 0: calibrate, initialise, maybe reconstruct; create the run. Its path."""
         cfg = self.cfg
-        if cfg.compile and self.kernels != "compiled":
-            kind = self.device.type
-            report(f"torch.compile unavailable on {kind} ({compile_failure(kind)}): eager kernels")
+        note = fallback_note("compiled" if cfg.compile else "eager", self.kernels, self.device)
+        if note:
+            report(note)
         report(f"calibrating on {min(cfg.calib_images, len(self.data.train))} training images")
         calib = self._calib_views()
         self.stats = self._stats(calib)

@@ -367,6 +367,14 @@ def set_kernels(model: nn.Module, kernels: str) -> str:
     return kernels
 
 
+def fallback_note(requested: str, used: str, device: torch.device | str) -> str:
+    """The run's words when ``set_kernels`` fell back from the compiled kernels ("" if not)."""
+    if requested == used:
+        return ""
+    kind = torch.device(device).type
+    return f"torch.compile unavailable on {kind} ({compile_failure(kind)}): eager kernels"
+
+
 def refresh_flags(model: nn.Module) -> None:
     """``Quantizer.refresh_flags`` for every quantizer of ``model``."""
     for m in model.modules():

@@ -15,7 +15,6 @@ last good state. Only the current unit's float and quantized inputs are held in 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from lsq.convert import float_mode, quant_layers
 from lsq.device import BF16, generator, resolve_device
 from lsq.errors import LSQError
 from lsq.init import init_weight_quantizer
-from lsq.quantizers import compile_failure, set_kernels
+from lsq.quantizers import fallback_note, set_kernels
 from lsq.train import LastGood, distillation_loss, make_optimizer, param_groups, update
 from lsq.validate import finite_number
 
@@ -432,11 +431,8 @@ def reconstruct(
     missing = [p for u in units for p in u.paths if p != HEAD and _get(teacher, p) is None]
     if missing:
         raise LSQError(f"the float model has no module {missing[0]!r}: not the model quantized")
-    kernels = set_kernels(model, "compiled" if cfg.compile else "eager")
-    note_kernels = ""
-    if cfg.compile and kernels != "compiled":
-        note_kernels = f" (torch.compile unavailable on {device.type}: "
-        note_kernels += f"{compile_failure(device)}; eager kernels)"
+    requested = "compiled" if cfg.compile else "eager"
+    note_kernels = fallback_note(requested, set_kernels(model, requested), device)
     if cfg.weight_init == "mse":
         mse_weight_ranges_(model)
     gen = generator(device, cfg.seed)
@@ -507,9 +503,7 @@ def reconstruct(
                 value, healthy = last_good.check(loss, params_too=True)
                 if not healthy:
                     last_good.restore()
-                    what = "parameters became non-finite"
-                    if not math.isfinite(value):
-                        what = f"loss became {value}"
+                    what = LastGood.problem(value)
                     yield ReconstructEvent(
                         "error", unit.name, k, len(units), step + 1, total,
                         loss=value, seconds=time.perf_counter() - start,
@@ -541,7 +535,8 @@ def reconstruct(
             x_fp = target
     yield ReconstructEvent(
         "done", units[-1].name, len(units) - 1, len(units), total, total,
-        seconds=time.perf_counter() - start, message="finished" + note_kernels,
+        seconds=time.perf_counter() - start,
+        message="finished" + (f" ({note_kernels})" if note_kernels else ""),
     )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lsq.convert import quant_layers
 from lsq.device import BF16, generator, no_host_sync, resolve_device
 from lsq.errors import LSQError
-from lsq.quantizers import SCALE_FLOOR, Quantizer, compile_failure, project_scales_, set_kernels
+from lsq.quantizers import SCALE_FLOOR, Quantizer, fallback_note, project_scales_, set_kernels
 from lsq.validate import finite_number
 
 OPTIMIZERS = ("adam", "sgd")
@@ -402,6 +402,13 @@ class LastGood:
             self.good, self.held = self.held, self.good
         return value, bool(ok)
 
+    @staticmethod
+    def problem(value: float) -> str:
+        """What ``check`` found unhealthy, in words, from the loss it read."""
+        return (
+            f"loss became {value}" if not math.isfinite(value) else "parameters became non-finite"
+        )
+
     @torch.no_grad()
     def restore(self) -> None:
         for p, g in zip(self.params, self.good, strict=True):
@@ -455,7 +462,8 @@ def train(
     teacher_eval = teacher_logits[1].to(device)
     eval_views = eval_views.to(device)
 
-    kernels = set_kernels(model, "compiled" if cfg.compile else "eager")
+    requested = "compiled" if cfg.compile else "eager"
+    kernels = set_kernels(model, requested)
     groups = param_groups(
         [model],
         cfg.lr_weights,
@@ -479,9 +487,7 @@ def train(
         return None
 
     agreement, kl = agreement_and_kl(model, eval_views, teacher_eval)
-    note = ""
-    if cfg.compile and kernels != "compiled":
-        note = f"torch.compile unavailable on {device.type} ({compile_failure(device)}): eager"
+    note = fallback_note(requested, kernels, device)
     yield TrainEvent(
         "eval",
         0,
@@ -530,8 +536,7 @@ def train(
         value, healthy = last_good.check(loss, params_too=evaluate)
         if not healthy:
             last_good.restore()
-            what = f"loss became {value}" if not math.isfinite(value) else "parameters became"
-            what += "" if not math.isfinite(value) else " non-finite"
+            what = LastGood.problem(value)
             yield TrainEvent(
                 "error",
                 step,

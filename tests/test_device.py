@@ -90,28 +90,25 @@ def test_mse_weight_search_gives_the_same_scales_as_before_on_the_cpu():
 @pytest.mark.parametrize("offset", [False, True])
 def test_quantizer_forward_and_backward_kernels_on_cuda(dtype, per_channel, offset):
     with fake_cuda():
-        _forward_and_backward(dtype, per_channel, offset)
-
-
-def _forward_and_backward(dtype, per_channel, offset):
-    x = torch.randn(4, 3, 5, 5, device="cuda").to(dtype).requires_grad_(True)
-    shape = (4, 1, 1, 1) if per_channel else ()
-    scale = torch.full(shape, 0.1, device="cuda", requires_grad=True)
-    off = torch.full(shape, -0.2, device="cuda", requires_grad=True) if offset else None
-    out = fake_quantize(x, scale, off, 0, 15, grad_scale=0.5)
+        x = torch.randn(4, 3, 5, 5, device="cuda").to(dtype).requires_grad_(True)
+        shape = (4, 1, 1, 1) if per_channel else ()
+        scale = torch.full(shape, 0.1, device="cuda", requires_grad=True)
+        off = torch.full(shape, -0.2, device="cuda", requires_grad=True) if offset else None
+        out = fake_quantize(x, scale, off, 0, 15, grad_scale=0.5)
+        ctx = SimpleNamespace(
+            saved_tensors=(x, scale, off),
+            args=(0, 15, 0.5, "eager"),
+            needs_input_grad=(True, True, offset),
+        )
+        grads = _FakeQuantize.backward(ctx, torch.ones_like(out))
     assert out.device == CUDA and out.dtype == dtype
-
-    ctx = SimpleNamespace(
-        saved_tensors=(x, scale, off),
-        args=(0, 15, 0.5, "eager"),
-        needs_input_grad=(True, True, offset),
-    )
-    grads = _FakeQuantize.backward(ctx, torch.ones_like(out))
     assert grads[0].device == CUDA and grads[0].dtype == dtype
     assert grads[1].device == CUDA and grads[1].shape == scale.shape
     assert grads[1].dtype == torch.float32
     if offset:
         assert grads[2].device == CUDA and grads[2].shape == off.shape
+    else:
+        assert grads[2] is None
 
 
 def test_bf16_inputs_are_quantized_in_float32():

@@ -220,3 +220,19 @@ def test_compiled_and_eager_kernels_give_bit_identical_values_and_gradients(per_
 def test_unknown_kernels_are_refused():
     with pytest.raises(LSQError, match="kernels"):
         fake_quantize(torch.zeros(3), torch.tensor(1.0), None, 0, 3, kernels="fast")
+
+
+def test_a_failed_compile_probe_falls_back_to_eager_and_says_why(monkeypatch):
+    """The probe runs once per device type; when it failed there, set_kernels uses eager kernels
+    and the run's note names the device and the reason (QAT's first event, reconstruction's
+    last, torchrun's report all use fallback_note)."""
+    from lsq import quantizers
+
+    monkeypatch.setitem(quantizers._probed, "cpu", "no C++ compiler")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.q = Quantizer(4, signed=False)
+    used = quantizers.set_kernels(model, "compiled")
+    assert used == "eager" and model.q.kernels == "eager"
+    note = quantizers.fallback_note("compiled", used, "cpu")
+    assert note == "torch.compile unavailable on cpu (no C++ compiler): eager kernels"
+    assert quantizers.fallback_note("eager", "eager", "cpu") == ""

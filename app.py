@@ -7,12 +7,12 @@ from ui import sidebar
 st.set_page_config(page_title="LSQ+ Explorer", layout="wide")
 
 pages = [
-    st.Page("pages/home.py", title="What is LSQ+?", default=True),
-    st.Page("pages/calibrate.py", title="Calibrate"),
-    st.Page("pages/train.py", title="Train"),
-    st.Page("pages/layers.py", title="Layers"),
-    st.Page("pages/lab.py", title="Range lab"),
-    st.Page("pages/runs.py", title="Runs"),
+    st.Page("app_pages/home.py", title="What is LSQ+?", default=True),
+    st.Page("app_pages/calibrate.py", title="Calibrate"),
+    st.Page("app_pages/train.py", title="Train"),
+    st.Page("app_pages/layers.py", title="Layers"),
+    st.Page("app_pages/lab.py", title="Range lab"),
+    st.Page("app_pages/runs.py", title="Runs"),
 ]
 nav = st.navigation(pages)
 st.session_state["settings"] = sidebar()

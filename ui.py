@@ -21,7 +21,7 @@ from lsq.explorer import Comparison, Settings
 from lsq.health import FLOAT_MODEL, group_findings
 from lsq.jobs import Job, JobManager
 from lsq.models import BUNDLED
-from lsq.pipeline import DataConfig, ModelSpec
+from lsq.pipeline import FIT_GAP_NOTE, DataConfig, ModelSpec
 from lsq.quantizers import MAX_BITS, MIN_BITS
 from lsq.status import Status
 
@@ -389,6 +389,7 @@ def latest_job(kind: str, comp: Comparison, **params) -> Job | None:
 def show_metrics(frame) -> None:
     """A table of model-level metrics with readable column names and fixed decimals."""
     columns = ["method", "config", "stage", "agreement", "confident_agreement", "kl"]
+    columns += ["logit_sqnr_db", "calib_agreement", "calib_kl"]
     if "confident_views" in frame and "views" in frame and len(frame):
         row = frame.iloc[0]
         st.caption(
@@ -396,8 +397,13 @@ def show_metrics(frame) -> None:
             f"{row['confident_views']:.0f} where the float model's top class has probability "
             "0.5 or more (on unsure views a tiny change flips the top-1)."
         )
+    if "calib_views" in frame and len(frame):
+        st.caption(
+            f"The last two columns: the same on the {frame.iloc[0]['calib_views']:.0f} "
+            f"calibration views. {FIT_GAP_NOTE}"
+        )
     st.dataframe(
-        frame[[c for c in [*columns, "logit_sqnr_db"] if c in frame]],
+        frame[[c for c in columns if c in frame]],
         hide_index=True,
         column_config={
             "config": "quantization",
@@ -407,6 +413,10 @@ def show_metrics(frame) -> None:
             ),
             "kl": st.column_config.NumberColumn("KL(float ‖ quantized)", format="%.4f"),
             "logit_sqnr_db": st.column_config.NumberColumn("logit SQNR (dB)", format="%.1f"),
+            "calib_agreement": st.column_config.NumberColumn(
+                "agreement (calibration views)", format="%.3f"
+            ),
+            "calib_kl": st.column_config.NumberColumn("KL (calibration views)", format="%.4f"),
         },
     )
 

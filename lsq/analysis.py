@@ -89,12 +89,23 @@ def _layer_outputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     return outs
 
 
+def _both_outputs(model: nn.Module, views: Tensor | None) -> tuple[dict, dict]:
+    """Every quantized layer's output on ``views`` in float and quantized (empty: no views)."""
+    if views is None:
+        return {}, {}
+    model.eval()
+    with float_mode(model):
+        outputs_f = _layer_outputs(model, views)
+    return outputs_f, _layer_outputs(model, views)
+
+
 @torch.no_grad()
 def layer_table(
     model: nn.Module,
     stats: dict[str, ActStats] | None = None,
     views: Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
+    calib_views: Tensor | None = None,
 ) -> pd.DataFrame:
     """One row per quantized layer: bits, ranges, clipping, three SQNRs (dB), and the input
     quantization MSE split into clip_error and round_error (``lsq.lab.error_split``; their sum is
@@ -105,14 +116,10 @@ def layer_table(
     weight_sqnr: the weight against its fake-quantized self. input_sqnr: the calibration sample
     of the layer's input against its fake-quantized self (needs ``stats``). output_sqnr: the
     layer's output in the quantized model against the float model on ``views`` (errors of
-    earlier layers included, as they reach this layer).
+    earlier layers included, as they reach this layer); calib_output_sqnr: the same on
+    ``calib_views`` (the views the ranges were fitted to), when given.
     """
-    outputs_f = outputs_q = None
-    if views is not None:
-        model.eval()
-        with float_mode(model):
-            outputs_f = _layer_outputs(model, views)
-        outputs_q = _layer_outputs(model, views)
+    outputs = {k: _both_outputs(model, v) for k, v in (("", views), ("calib_", calib_views))}
     rows = []
     layers = quant_layers(model)
     for i, (name, layer) in enumerate(layers.items()):
@@ -155,8 +162,9 @@ def layer_table(
                     sample, aq.effective_scale().detach().cpu(), off, aq.qmin, aq.qmax
                 )
                 row.update(clip_error=split.clip, round_error=split.round, input_power=split.power)
-        if outputs_f is not None and name in outputs_f:
-            row["output_sqnr_db"] = sqnr_db(outputs_f[name], outputs_q[name])
+        for prefix, (outputs_f, outputs_q) in outputs.items():
+            if name in outputs_f:
+                row[f"{prefix}output_sqnr_db"] = sqnr_db(outputs_f[name], outputs_q[name])
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -349,7 +349,8 @@ def _reconstruct(bench, result, recon_cfg: ReconstructConfig):
 def _fmt_metrics(m: dict) -> str:
     return (
         f"agreement {m['agreement']:.3f} (confident views {m['confident_agreement']:.3f}), "
-        f"KL {m['kl']:.4f}, logit SQNR {m['logit_sqnr_db']:.1f} dB"
+        f"KL {m['kl']:.4f}, logit SQNR {m['logit_sqnr_db']:.1f} dB; on the calibration views "
+        f"agreement {m['calib_agreement']:.3f}, KL {m['calib_kl']:.4f}"
     )
 
 
@@ -367,8 +368,14 @@ def run_config(args) -> QuantConfig:
 
 
 def cmd_run(args) -> int:
-    from lsq.analysis import layer_table
-    from lsq.pipeline import finish_run, init_method, start_run, train_method, write_progress
+    from lsq.pipeline import (
+        finish_run,
+        init_method,
+        layer_frame,
+        start_run,
+        train_method,
+        write_progress,
+    )
 
     t0 = time.perf_counter()
     steps = whole_number(TRAIN.steps if args.steps is None else args.steps, "--steps", 0)
@@ -404,7 +411,7 @@ def cmd_run(args) -> int:
         if result.status != Status.COMPLETE:
             print(f"training {result.status}: {result.message}", file=sys.stderr)
         print(f"{config.label} after {steps} QAT steps: {_fmt_metrics(result.metrics_final)}")
-    table = layer_table(result.copy_model(), bench.stats, bench.eval[:8])
+    table = layer_frame(bench, result.copy_model())
     worst = table.nsmallest(5, "output_sqnr_db")[
         [
             "layer",
@@ -416,9 +423,10 @@ def cmd_run(args) -> int:
             "weight_sqnr_db",
             "input_sqnr_db",
             "output_sqnr_db",
+            "calib_output_sqnr_db",
         ]
     ]
-    print("\nworst layers (output SQNR against the float model):")
+    print("\nworst layers (output SQNR against the float model, held-out and calibration views):")
     print(worst.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     finish_run(run, bench, result)
     print(f"\nsaved run: {run.path}  ({time.perf_counter() - t0:.0f} s)")

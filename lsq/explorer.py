@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from lsq.analysis import grid_at_step, grid_levels, histogram_frame, layer_table, sensitivity
+from lsq.analysis import grid_at_step, grid_levels, histogram_frame, sensitivity
 from lsq.config import METHODS, WEIGHT_INIT_CHOICES, QuantConfig, make_config, resolve_weight_init
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
@@ -45,6 +45,7 @@ from lsq.pipeline import (
     finish_run,
     history_frames,
     init_method,
+    layer_frame,
     prepare,
     reconstruct_method,
     save_result,
@@ -57,9 +58,6 @@ from lsq.reconstruct import ReconstructConfig, ReconstructEvent, unit_frame
 from lsq.runs import LoadedRun, list_runs, load_run
 from lsq.status import Status
 from lsq.train import TrainConfig, TrainEvent
-
-#: Views of the evaluation set the per-layer table compares on (output SQNR).
-LAYER_VIEWS = 8
 
 
 @dataclass(frozen=True)
@@ -370,8 +368,12 @@ def train_job(
     if train_cfg is None and recon_cfg is None:
         raise LSQError("nothing to do: choose QAT steps, reconstruction, or both")
     steps = train_cfg.steps if train_cfg is not None else 0
-    # Work per method, in iterations: reconstruction's total is known once it starts.
-    work = {"recon": 0}
+    # The bar and the time left count work by cost, in seconds as reconstruction estimates them
+    # from each unit's measured cost (``ReconstructEvent.work``): a QAT step is a forward and
+    # backward pass of the whole model at its own batch, with the float model's forward on top
+    # (4 passes where reconstruction's iteration counts 3). Without reconstruction every QAT
+    # step costs the same. The line shows iterations and steps.
+    work = {"recon": 0, "recon_cost": 0.0, "step_cost": 1.0}
     published: dict[str, MethodResult] = {}
     reconstructed: dict[str, MethodResult] = {}
     for i, method in enumerate(methods):
@@ -383,17 +385,25 @@ def train_job(
         run = start_run(bench, start, train_cfg)
         history = []
 
-        def report(stage: str, done: int, i=i) -> None:
+        def report(stage: str, done: int, cost: float, i=i) -> None:
             per_method = work["recon"] + steps
-            job.progress(stage, i * per_method + done, len(methods) * per_method)
+            per_method_cost = work["recon_cost"] + steps * work["step_cost"]
+            job.progress(
+                stage,
+                i * per_method + done,
+                len(methods) * per_method,
+                work=(i * per_method_cost + cost, len(methods) * per_method_cost),
+            )
 
         if recon_cfg is not None:
 
             def on_unit(e, method=method) -> None:
                 job.add_event((method, e))
-                work["recon"] = e.total
+                work["recon"], work["recon_cost"] = e.total, e.work_total
+                step_batches = train_cfg.batch_size / recon_cfg.batch_size if steps else 0
+                work["step_cost"] = e.model_step * 4 / 3 * step_batches
                 if e.kind == "step":
-                    report(f"reconstructing {method}: {e.unit}", e.step)
+                    report(f"reconstructing {method}: {e.unit}", e.step, e.work)
 
             start = reconstruct_method(
                 bench, start, recon_cfg, on_event=on_unit, should_stop=job.stop_requested
@@ -409,7 +419,8 @@ def train_job(
             if e.kind == "step" and e.step % 10 == 0:
                 write_progress(run, history)
             if e.kind == "step":
-                report(f"training {method}", work["recon"] + e.step)
+                done = work["recon_cost"] + e.step * work["step_cost"]
+                report(f"training {method}", work["recon"] + e.step, done)
 
         result = train_method(
             bench, start, train_cfg, on_event=on_event, should_stop=job.stop_requested
@@ -457,7 +468,6 @@ def layers_job(job: Job, comp: Comparison, stage: Stage | str = Stage.INITIALISE
     """
     bench = comp.bench
     frames = []
-    views = bench.eval[:LAYER_VIEWS]
     results = comp.results(stage)
     for i, (method, r) in enumerate(results.items()):
         if job.stop_requested():
@@ -467,7 +477,7 @@ def layers_job(job: Job, comp: Comparison, stage: Stage | str = Stage.INITIALISE
         def progress(done: int, total: int, stage_text=stage_text) -> None:
             job.progress(stage_text, done, total)
 
-        df = layer_table(r.copy_model(), bench.stats, views, progress)
+        df = layer_frame(bench, r.copy_model(), progress)
         df.insert(0, "method", method)
         frames.append(df)
     job.progress("done", len(frames), len(results))

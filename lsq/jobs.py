@@ -41,10 +41,17 @@ class Job:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    work: tuple[float, float] | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    def progress(self, stage: str, done: int, total: int) -> None:
+    def progress(
+        self, stage: str, done: int, total: int, work: tuple[float, float] | None = None
+    ) -> None:
+        """``done`` of ``total`` steps (what the line shows); ``work``: (done, total) of the
+        job's estimated cost, when its steps cost unequal times (the bar and the time left
+        follow it)."""
         self.stage, self.done, self.total = stage, int(done), int(total)
+        self.work = None if work is None or work[1] <= 0 else (float(work[0]), float(work[1]))
 
     def add_event(self, event: Any) -> None:
         self.events.append(event)
@@ -61,6 +68,9 @@ class Job:
 
     @property
     def fraction(self) -> float:
+        """How much of the job is done, 0..1: by cost when the job gives it, else by steps."""
+        if self.work is not None:
+            return min(1.0, max(0.0, self.work[0] / self.work[1]))
         return min(1.0, self.done / self.total) if self.total else 0.0
 
     @property
@@ -72,9 +82,10 @@ class Job:
     @property
     def remaining(self) -> float | None:
         """Seconds left at the pace so far (None before the first step is done)."""
-        if not self.total or not self.done or self.done >= self.total:
+        done = self.fraction
+        if not self.total or not self.done or self.done >= self.total or not 0 < done < 1:
             return None
-        return self.elapsed * (self.total - self.done) / self.done
+        return self.elapsed * (1 - done) / done
 
     def describe(self) -> str:
         """One line for a progress bar: stage, steps done, time taken and time left."""

@@ -116,7 +116,7 @@ class Workbench:
     teacher_eval: Tensor  # float model's logits on the evaluation views (CPU)
     device: torch.device
     stats: dict[str, ActStats] | None = None
-    teacher_calib: Tensor | None = None  # ... on the calibration/training views, once needed
+    teacher_calib: Tensor | None = None  # ... on the calibration views (CPU)
     seconds: dict[str, float] = field(default_factory=dict)
     #: Image files that could not be read (file name and why), to show the user.
     skipped: tuple[str, ...] = ()
@@ -201,8 +201,9 @@ def prepare(
         train_images=tuple(calib_imgs),
         synthetic=synthetic,
     )
-    progress("float model on evaluation views", 0, 1)
+    progress("float model on the calibration and evaluation views", 0, 1)
     bench.teacher_eval = logits(model, evals, batch=data.batch_size).cpu()
+    bench.teacher_calib = logits(model, calib, batch=data.batch_size).cpu()
     bench.seconds["prepare"] = time.perf_counter() - t0
     return bench
 
@@ -330,8 +331,28 @@ def init_method(bench: Workbench, config: QuantConfig, progress: Progress = _noo
     progress(f"initialising {config.label}", 0, 1)
     report = init_from_stats(model, stats, config)
     t_init = time.perf_counter() - t0
+    return MethodResult(
+        config, model, tuple(report), evaluate(bench, model), seconds={"init": t_init}
+    )
+
+
+#: What the gap between the two sets of views means, where both are shown.
+FIT_GAP_NOTE = (
+    "The calibration views are crops of the photos the ranges were fitted to (and training "
+    "learned from); the held-out views are other photos. A method much better on the first "
+    "than on the second has fitted those photos rather than the model: expect the held-out "
+    "numbers on photos of your own."
+)
+
+
+def evaluate(bench: Workbench, model: nn.Module) -> dict[str, float]:
+    """``analysis.model_metrics`` on the held-out evaluation views, and top-1 agreement, KL and
+    logit SQNR on the calibration views too (``calib_`` keys): their gap shows overfitting."""
     metrics = model_metrics(model, bench.eval, bench.teacher_eval)
-    return MethodResult(config, model, tuple(report), metrics, seconds={"init": t_init})
+    on_calib = model_metrics(model, bench.calib, bench.teacher_calib)
+    for key in ("agreement", "kl", "logit_sqnr_db", "views"):
+        metrics[f"calib_{key}"] = on_calib[key]
+    return metrics
 
 
 def _follow(events, on_event, keep_steps: bool) -> tuple[list, Status, str]:
@@ -362,8 +383,6 @@ def train_method(
     """
     t0 = time.perf_counter()
     source = training_source(bench, train_cfg.seed)
-    if isinstance(source, Tensor) and bench.teacher_calib is None:  # shared by every method
-        bench.teacher_calib = logits(bench.model, bench.calib, batch=bench.data.batch_size).cpu()
     on_train = bench.teacher_calib if isinstance(source, Tensor) else None
     model = result.copy_model()
     events = train(
@@ -382,7 +401,7 @@ def train_method(
         model=model,
         stage=Stage.TRAINED,
         steps=result.steps + steps,
-        metrics_final=model_metrics(model, bench.eval, bench.teacher_eval),
+        metrics_final=evaluate(bench, model),
         history=tuple(history),
         status=status,
         message=message,
@@ -419,7 +438,7 @@ def reconstruct_method(
         result,
         model=model,
         stage=Stage.RECONSTRUCTED,
-        metrics_final=model_metrics(model, bench.eval, bench.teacher_eval),
+        metrics_final=evaluate(bench, model),
         history=(),
         status=status,
         message=message,
@@ -486,12 +505,24 @@ def write_progress(run, history: Sequence[TrainEvent]) -> None:
         run.write_table("trajectories", traj)
 
 
+#: Views per set (evaluation, calibration) the per-layer table compares outputs on.
+LAYER_VIEWS = 8
+
+
+def layer_frame(bench: Workbench, model: nn.Module, progress=None) -> pd.DataFrame:
+    """``analysis.layer_table`` of ``model`` with the bench's statistics, its output SQNR on
+    ``LAYER_VIEWS`` evaluation views and as many calibration views (the gap: see FIT_GAP_NOTE)."""
+    return layer_table(
+        model, bench.stats, bench.eval[:LAYER_VIEWS], progress, bench.calib[:LAYER_VIEWS]
+    )
+
+
 def finish_run(run, bench: Workbench, result: MethodResult) -> MethodResult:
     """Write the per-layer table, history, state dict and final metrics; mark the run done.
 
     Returns ``result`` with its ``run_path``. The per-layer table is measured on a copy.
     """
-    run.write_table("layers", layer_table(result.copy_model(), bench.stats, bench.eval[:8]))
+    run.write_table("layers", layer_frame(bench, result.copy_model()))
     write_progress(run, result.history)
     if result.recon_history:
         run.write_table("units", unit_frame(list(result.recon_history)))

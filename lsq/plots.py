@@ -56,6 +56,7 @@ METRIC_LABELS: dict[str, str] = {
     "agreement": "top-1 agreement with the float model",
     "kl": "KL divergence to the float model",
     "output_sqnr_db": "output SQNR (dB, higher is better)",
+    "calib_output_sqnr_db": "output SQNR on calibration views (dB, higher is better)",
     "input_sqnr_db": "input SQNR (dB, higher is better)",
     "weight_sqnr_db": "weight SQNR (dB, higher is better)",
     "init_kl": "KL to float after initialisation (lower is better)",

@@ -161,6 +161,68 @@ class ReconstructEvent:
     loss_after: float | None = None
     seconds: float = 0.0
     message: str = ""
+    #: Work done and in all, in seconds as estimated from each unit's measured cost
+    #: (``unit_costs``): what progress bars and time left are counted in.
+    work: float = 0.0
+    work_total: float = 0.0
+    #: The estimated seconds of one forward and backward pass of the whole model at the
+    #: reconstruction's batch: what a QAT step costs, in the same units.
+    model_step: float = 0.0
+
+
+#: One iteration (a forward and a backward pass) costs about this many forward passes.
+PASSES_PER_ITERATION = 3.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def unit_costs(model: nn.Module, units: list[Unit], x: Tensor, chained: bool) -> list[float]:
+    """Seconds of one forward pass of each unit on the batch ``x`` (the model's input): the
+    second of two passes (the first may compile kernels). Chained units run one after another;
+    per-layer units are timed by hooks inside one forward pass of the model."""
+    timed = _chain_costs if chained else _hooked_costs
+    timed(model, units, x)
+    return timed(model, units, x)
+
+
+def _chain_costs(model: nn.Module, units: list[Unit], x: Tensor) -> list[float]:
+    costs = []
+    _sync(x.device)
+    for u in units:
+        t = time.perf_counter()
+        x = u.run(model, x)
+        _sync(x.device)
+        costs.append(time.perf_counter() - t)
+    return costs
+
+
+def _hooked_costs(model: nn.Module, units: list[Unit], x: Tensor) -> list[float]:
+    begun: dict[str, float] = {}
+    spent: dict[str, float] = {}
+
+    def begin(name: str) -> None:
+        _sync(x.device)
+        begun[name] = time.perf_counter()
+
+    def end(name: str) -> None:
+        _sync(x.device)
+        spent[name] = spent.get(name, 0.0) + time.perf_counter() - begun[name]
+
+    hooks = []
+    for u in units:
+        mod = model.get_submodule(u.paths[0])
+        hooks.append(mod.register_forward_pre_hook(lambda m, i, n=u.name: begin(n)))
+        hooks.append(mod.register_forward_hook(lambda m, i, o, n=u.name: end(n)))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [spent.get(u.name, 0.0) for u in units]
 
 
 def _expand(model: nn.Module, name: str) -> list[str]:
@@ -439,8 +501,15 @@ def reconstruct(
     batch = cfg.batch_size
     n = len(views)
     total = cfg.iters * len(units)
-    start = time.perf_counter()
     chained = units[0].paths != units[-1].paths and units[-1].paths == (HEAD,)
+    # Progress counted in each unit's measured cost: its iterations, and the passes over all
+    # views (the float target, the error before and after, the quantized stream carried on).
+    costs = unit_costs(model, units, views[:batch].to(device), chained)
+    passes = PASSES_PER_ITERATION * cfg.iters + 4 * n / min(batch, n)
+    unit_work = [c * passes for c in costs]
+    work_before = [sum(unit_work[:k]) for k in range(len(units) + 1)]
+    plan = {"work_total": work_before[-1], "model_step": PASSES_PER_ITERATION * sum(costs)}
+    start = time.perf_counter()
 
     x_fp = x_q = views.to(device)
     for k, unit in enumerate(units):
@@ -480,6 +549,7 @@ def reconstruct(
                     yield ReconstructEvent(
                         "stopped", unit.name, k, len(units), step, total,
                         seconds=time.perf_counter() - start, message="stopped by the user",
+                        work=work_before[k], **plan,
                     )  # fmt: skip
                     return
                 idx = torch.randint(n, (min(batch, n),), generator=gen, device=device)
@@ -509,12 +579,14 @@ def reconstruct(
                         loss=value, seconds=time.perf_counter() - start,
                         message=f"{what} in unit {unit.name} at iteration {it + 1}; stopped "
                         "with the last good state. Lower the learning rates.",
+                        work=work_before[k], **plan,
                     )  # fmt: skip
                     return
                 rec_value = float(rec.detach()) if beta is not None else value
                 yield ReconstructEvent(
                     "step", unit.name, k, len(units), step + 1, total,
                     loss=rec_value, seconds=time.perf_counter() - start,
+                    work=work_before[k] + unit_work[k] * (it + 1) / (cfg.iters + 1), **plan,
                 )  # fmt: skip
         after = _eval_loss(unit, model, x_q, target, is_logits, batch)
         note = ""
@@ -528,7 +600,7 @@ def reconstruct(
         yield ReconstructEvent(
             "unit", unit.name, k, len(units), (k + 1) * cfg.iters, total,
             loss_before=before, loss_after=after, seconds=time.perf_counter() - start,
-            message=note,
+            message=note, work=work_before[k + 1], **plan,
         )  # fmt: skip
         if chained:
             x_q = _run_all(unit, model, x_q, batch)
@@ -537,6 +609,7 @@ def reconstruct(
         "done", units[-1].name, len(units) - 1, len(units), total, total,
         seconds=time.perf_counter() - start,
         message="finished" + (f" ({note_kernels})" if note_kernels else ""),
+        work=work_before[-1], **plan,
     )  # fmt: skip
 
 

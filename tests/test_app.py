@@ -185,7 +185,7 @@ def test_home_page_intro_figure_redraws_at_the_chosen_bits():
 
 @pytest.fixture(scope="module")
 def calibrated(runs_dir, manager):
-    at = small_app("pages/calibrate.py")
+    at = small_app("app_pages/calibrate.py")
     click_and_wait(at, "Calibrate 4 method(s)", manager, "calibrate")
     at.run()
     assert not at.exception, at.exception
@@ -206,7 +206,7 @@ def test_calibrate_page_draws_ranges_and_histogram_for_every_method(calibrated):
 
 
 def test_train_page_trains_and_draws_curves(calibrated, manager):
-    at = small_app("pages/train.py")
+    at = small_app("app_pages/train.py")
     assert at.radio[0].value == "qat"  # 8-bit weights: QAT alone by default
     [n for n in at.number_input if n.label == "QAT steps"][0].set_value(2)
     job = click_and_wait(at, "Train", manager, "train")
@@ -239,7 +239,7 @@ def test_train_page_trains_and_draws_curves(calibrated, manager):
 
 
 def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, manager):
-    at = small_app("pages/train.py")
+    at = small_app("app_pages/train.py")
     at.radio[0].set_value("reconstruct+qat").run()  # its fields appear
     [n for n in at.number_input if n.label == "QAT steps"][0].set_value(1)
     [n for n in at.number_input if n.label.startswith("Reconstruction iter")][0].set_value(2)
@@ -267,7 +267,7 @@ def test_train_page_reconstructs_then_trains_and_draws_each_unit(calibrated, man
 
 
 def test_layers_page_tables_and_sensitivity(calibrated, manager):
-    at = small_app("pages/layers.py")
+    at = small_app("app_pages/layers.py")
     layers = manager.latest("layers")  # the first visit measures every layer, as a job
     assert layers is not None
     manager.wait(layers, timeout=300)
@@ -340,7 +340,7 @@ def test_runs_page_shows_training_curves_and_fitting_compare_headers(tmp_path, m
             "layers", pd.DataFrame({"layer": ["stem", "head"], "output_sqnr_db": [20.0, 30.0]})
         )
         run.finish()
-    at = AppTest.from_file(str(ROOT / "pages/runs.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app_pages/runs.py"), default_timeout=60)
     at.run()
     names = list(at.dataframe[0].value["run"])
     at.multiselect[0].set_value(names).run()
@@ -355,11 +355,18 @@ def test_runs_page_shows_training_curves_and_fitting_compare_headers(tmp_path, m
     assert all(len(points(d)) == 2 for d in kl["data"])  # the evaluated steps only
 
 
-def test_runs_page_lists_and_opens_runs(calibrated, runs_dir):
-    at = small_app("pages/runs.py")
+def test_runs_page_lists_and_opens_runs(calibrated, runs_dir, manager):
+    at = small_app("app_pages/runs.py")
     table = at.dataframe[0].value
     assert len(table) >= len(METHODS)
     assert set(table["status"]) <= {"complete", "stopped"}
+    # Each calibration run shows its numbers on both sets of views, as the result gave them.
+    comp = manager.latest_done("calibrate").result
+    rows = table.set_index("run")
+    for method, result in comp.initial.items():
+        row = rows.loc[result.run_path.name]
+        for key in ("agreement", "kl", "calib_agreement", "calib_kl"):
+            assert row[key] == pytest.approx(result.metrics_init[key], abs=1e-12), (method, key)
     assert at.get("download_button"), "the opened run offers its CSV and checkpoint"
 
 
@@ -368,7 +375,7 @@ def metric(at: AppTest, label: str) -> str:
 
 
 def test_range_lab_moves_with_its_sliders_and_snaps(calibrated, manager):
-    at = small_app("pages/lab.py")
+    at = small_app("app_pages/lab.py")
     assert at.selectbox(key="lab_layer").value == "blocks.0.0.conv_dw"
     (fig,) = figures(at)
     assert any(name.startswith("lsq+: 16 levels") for name in trace_names(fig))
@@ -416,7 +423,7 @@ def test_runs_page_names_each_runs_stage_and_draws_reconstruction(tmp_path, monk
             run.write_table("units", pd.DataFrame(units))
         run.update_meta(**after)
         run.finish()
-    at = AppTest.from_file(str(ROOT / "pages/runs.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app_pages/runs.py"), default_timeout=60)
     at.run()
     table = at.dataframe[0].value
     stages = dict(zip(table["label"].str.split().str[0], table["stage"], strict=True))
@@ -453,7 +460,7 @@ def test_a_failed_calibration_keeps_the_last_results_on_the_pages(calibrated, ma
         )
     assert manager.latest("calibrate").status == "failed"
     assert manager.latest_done("calibrate") is good
-    for page in ("pages/calibrate.py", "pages/train.py"):
+    for page in ("app_pages/calibrate.py", "app_pages/train.py"):
         at = small_app(page)
         assert any("/nowhere does not exist" in e.value for e in at.error), page
         assert not any("Calibrate first" in i.value for i in at.info), page
@@ -467,7 +474,7 @@ def test_train_page_shows_the_chosen_recipes_fields_and_keeps_them_across_pages(
     included) starts nothing, and the choices are still there after visiting another page."""
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/train.py").run()
     assert not at.exception, at.exception
 
     def fields() -> set[str]:
@@ -483,8 +490,8 @@ def test_train_page_shows_the_chosen_recipes_fields_and_keeps_them_across_pages(
     trains = len(manager.jobs("train"))
     at.number_input(key="train_steps").set_value(7).run()
     assert not at.get("form") and len(manager.jobs("train")) == trains
-    at.switch_page("pages/runs.py").run()
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/runs.py").run()
+    at.switch_page("app_pages/train.py").run()
     assert not at.exception, at.exception
     assert at.number_input(key="train_steps").value == 7
 
@@ -497,7 +504,7 @@ def test_each_result_shows_the_cli_command_that_gives_its_numbers(calibrated, ma
     from lsq.cli import main
     from lsq.runs import list_runs
 
-    at = small_app("pages/calibrate.py")
+    at = small_app("app_pages/calibrate.py")
     lines = [c.value for c in at.code if c.value.startswith("python -m lsq run")]
     assert len(lines) == len(METHODS)
     line = next(x for x in lines if "--method lsq+ " in x)
@@ -510,3 +517,28 @@ def test_each_result_shows_the_cli_command_that_gives_its_numbers(calibrated, ma
     cli = info.meta["metrics_init"]
     assert cli["agreement"] == pytest.approx(app["agreement"], abs=1e-9)
     assert cli["kl"] == pytest.approx(app["kl"], rel=1e-5)
+
+
+def test_calibrate_table_shows_each_method_on_calibration_views_beside_held_out(
+    calibrated, manager
+):
+    """Agreement and KL on the calibration views (beside the held-out views') are the method's
+    model against the float model on ``bench.calib``, computed here again from the logits."""
+    import torch
+
+    table = calibrated.dataframe[0].value
+    comp = manager.latest_done("calibrate").result
+    calib = comp.bench.calib
+    with torch.no_grad():
+        float_logits = comp.bench.model(calib).double()
+        p = float_logits.softmax(-1)
+        for method in METHODS:
+            q = comp.initial[method].model(calib).double()
+            row = table[table["method"] == method].iloc[0]
+            agreement = (q.argmax(-1) == float_logits.argmax(-1)).double().mean()
+            kl = (p * (p.log() - q.log_softmax(-1))).sum(-1).mean()
+            assert row["calib_agreement"] == pytest.approx(float(agreement), abs=1e-9), method
+            assert row["calib_kl"] == pytest.approx(float(kl), rel=1e-3, abs=1e-6), method
+    captions = " ".join(c.value for c in calibrated.caption)
+    assert f"the same on the {len(calib)} calibration views" in captions
+    assert "fitted those photos" in captions

@@ -5,7 +5,9 @@ would, then drags a range in the range lab; saves screenshots to test-output/bro
 test prints its path). Skipped only where Chromium is missing.
 """
 
+import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,11 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def streamlit_server(tmp_path_factory, **env_extra):
+    """``streamlit run app.py`` on a free port with its own runs and data folders; its URL."""
     port = free_port()
     env = dict(os.environ, LSQ_RUNS_DIR=str(tmp_path_factory.mktemp("runs")))
     env["LSQ_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
+    env.update(env_extra)
     log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
     proc = subprocess.Popen(
         [
@@ -66,10 +70,18 @@ def server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("streamlit did not answer /_stcore/health within 60 s")
-    yield url
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with streamlit_server(tmp_path_factory) as url:
+        yield url
 
 
 READY = "[data-testid='stApp'][data-test-script-state='notRunning']"
@@ -168,4 +180,81 @@ def test_range_lab_moves_with_a_slider_in_chromium(server):
         assert page.locator("[data-testid='stException']").count() == 0
         assert float(after["Clipping error (MSE)"]) > float(before["Clipping error (MSE)"])
         assert after["Model KL to float"] != before["Model KL to float"]
+        browser.close()
+
+
+def test_repair_link_opens_the_train_page_on_the_recipe_it_names(server):
+    """At W4A4 (set through the page's address, as a shared link does) every method collapses
+    right after init; the Calibrate page's link names a recipe, and the Train page opens on it."""
+    from playwright.sync_api import sync_playwright
+
+    from lsq.explorer import RECIPES
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server}/calibrate?w_bits=4&a_bits=4&res=64&views=32")
+        page.wait_for_selector(READY)
+        page.get_by_role("button", name=re.compile(r"^Calibrate \d method")).click()
+        link = page.get_by_role("link", name=re.compile("^Repair it on the Train page"))
+        link.wait_for(timeout=300_000)
+        named = link.inner_text().split(": ", 1)[1].strip()
+        (recipe,) = [label for label in RECIPES.values() if label.lower() == named]
+        link.click()
+        page.get_by_text("Recipe").first.wait_for(timeout=60_000)
+        page.wait_for_selector(READY)
+        page.screenshot(path=str(OUT / "train-after-repair.png"), full_page=True)
+        assert page.get_by_role("radio", name=recipe).is_checked()
+        assert page.locator("[data-testid='stException']").count() == 0
+        browser.close()
+
+
+SITECUSTOMIZE = """
+import os, sys
+layer, amount = os.environ["LSQ_TEST_PLANT_BIAS"].rsplit("=", 1)
+sys.path[:0] = [{root!r}, {tests!r}]
+import pytest
+from helpers import plant_bias_error
+plant_bias_error(pytest.MonkeyPatch(), layer, float(amount))
+"""
+
+
+def test_an_export_below_the_parity_bar_warns_in_chromium(tmp_path_factory):
+    """The Runs page's ONNX export of a run whose exporter is wrong at one layer says so, and
+    names that layer, in the browser."""
+    from playwright.sync_api import sync_playwright
+
+    from lsq.cli import main
+
+    runs = tmp_path_factory.mktemp("faulty-runs")
+    argv = ["--runs-dir", str(runs), "run", "--resolution", "64", "--calib", "8"]
+    assert main([*argv, "--eval-views", "8", "--steps", "0", "--eager"]) == 0
+    plant = tmp_path_factory.mktemp("plant")
+    (plant / "sitecustomize.py").write_text(
+        SITECUSTOMIZE.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    )
+    OUT.mkdir(parents=True, exist_ok=True)
+    with (
+        streamlit_server(
+            tmp_path_factory,
+            LSQ_RUNS_DIR=str(runs),
+            PYTHONPATH=str(plant),
+            LSQ_TEST_PLANT_BIAS="blocks.3.1.conv_dw=0.5",
+        ) as url,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/runs")
+        page.wait_for_selector(READY)
+        page.get_by_role("button", name="Export ONNX").click()
+        warning = page.locator("[data-testid='stAlert']", has_text="parity bar")
+        try:
+            warning.wait_for(timeout=300_000)
+        finally:  # what the page showed, also when the warning never came
+            page.screenshot(path=str(OUT / "export-warning.png"), full_page=True)
+        assert "First diverging layer: blocks.3.1.conv_dw" in warning.inner_text()
+        assert page.get_by_role("button", name="Download model.onnx").count() == 1
+        assert page.locator("[data-testid='stException']").count() == 0
         browser.close()

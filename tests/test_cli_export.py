@@ -116,7 +116,7 @@ def test_runs_page_exports_and_offers_the_download(runs_dir, run_path):
     failed = runs_dir / "00000000-000000-failed-run"  # sorts after the good run (newest first)
     shutil.copytree(run_path, failed, ignore=shutil.ignore_patterns("model.onnx", "export"))
     Run(failed, "").finish("failed", "out of memory")
-    at = AppTest.from_file(str(ROOT / "pages" / "runs.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "runs.py"), default_timeout=120)
     at.run()
     assert not at.exception, at.exception
     name = run_path.name
@@ -144,7 +144,7 @@ def test_runs_page_warns_with_the_diverging_layer_when_parity_is_below_the_bar(
     runs_dir, run_path, monkeypatch
 ):
     plant_bias_error(monkeypatch, "blocks.3.1.conv_dw", 0.5)
-    at = AppTest.from_file(str(ROOT / "pages" / "runs.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "runs.py"), default_timeout=120)
     at.run()
     at.multiselect[0].set_value([run_path.name]).run()
     at.button(key=f"do-export-onnx-{run_path.name}").click().run()
@@ -177,7 +177,7 @@ def test_layers_page_shows_each_offsets_distance_to_its_snapped_zero_point():
         )
         own.wait(calib, timeout=300)
         assert calib.status == "done", calib.message
-        at = AppTest.from_file(str(ROOT / "pages" / "layers.py"), default_timeout=120)
+        at = AppTest.from_file(str(ROOT / "app_pages" / "layers.py"), default_timeout=120)
         at.session_state["settings"] = small
         at.run()
         own.wait(own.latest("layers"), timeout=300)

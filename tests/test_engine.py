@@ -197,6 +197,12 @@ def test_analysis_ranks_a_layer_with_a_bad_range_worst():
     others = table[table.layer != "conv2"]
     assert worst["clipped_above"] > 0.3 > others["clipped_above"].max()
     assert set(table.columns) >= {"weight_sqnr_db", "output_sqnr_db", "negative_fraction"}
+    # The same outputs on the training views, as their own column: the table of those views.
+    both = layer_table(model, collect, eval_views, calib_views=train_views[:16])
+    own = layer_table(model, collect, train_views[:16])
+    assert both["calib_output_sqnr_db"].tolist() == own["output_sqnr_db"].tolist()
+    assert both["output_sqnr_db"].tolist() == table["output_sqnr_db"].tolist()
+    assert (both["calib_output_sqnr_db"] != both["output_sqnr_db"]).any()
     t_logits = teacher(eval_views).detach()
     sens = sensitivity(model, eval_views, t_logits, by="layer")
     acts = sens[sens.part == "activations"].sort_values("kl", ascending=False)

@@ -115,7 +115,7 @@ def test_opening_the_layers_page_while_training_runs_changes_nothing(calibrated,
 
     job.add_event = add_event
     manager.submit(job, lambda j: train_job(j, comp, ["lsq+"], train_cfg(steps)))
-    at = AppTest.from_file(str(ROOT / "pages" / "layers.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "layers.py"), default_timeout=120)
     at.session_state["settings"] = TINY
     page_starts.set()
     at.run()
@@ -184,7 +184,7 @@ def test_after_calibrating_other_settings_no_page_shows_the_old_results(calibrat
     manager.wait(manager.submit(job, lambda j: calibrate_job(j, other)), 120)
     assert job.status == "done", job.message
 
-    at = AppTest.from_file(str(ROOT / "pages" / "train.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "train.py"), default_timeout=60)
     at.session_state["settings"] = other
     at.run()
     assert not at.exception, at.exception
@@ -192,7 +192,7 @@ def test_after_calibrating_other_settings_no_page_shows_the_old_results(calibrat
     assert any("none trained yet" in i.value for i in at.info)
     assert any("W4A4" in c.value for c in at.caption)  # labelled with the new settings
 
-    layers = AppTest.from_file(str(ROOT / "pages" / "layers.py"), default_timeout=60)
+    layers = AppTest.from_file(str(ROOT / "app_pages" / "layers.py"), default_timeout=60)
     layers.session_state["settings"] = other
     layers.run()
     manager.wait(manager.latest("layers"), 120)
@@ -251,3 +251,52 @@ def test_a_method_far_below_the_best_after_init_is_told_why():
     assert "4.0× lsq+'s error in the median layer (2 of 2 layers worse)" in note
     assert "1 grids reach so far past their inputs" in note
     assert "2 layers never see a negative input" in note and "LSQ's init" in note
+
+
+def test_the_bar_counts_each_unit_and_step_by_its_cost(calibrated, monkeypatch):
+    """Reconstruction then QAT of two methods: the bar (and the time left) follows cost, not
+    counts. With the stem given ten times the cost of any other unit, the bar after it stands
+    at its share of the job, and a QAT step counts as much as 4/3 of a reconstruction iteration
+    through every unit (times the batches' ratio)."""
+    import lsq.reconstruct as rec
+    from lsq.reconstruct import ReconstructConfig
+
+    n_units = len(
+        rec.find_units(calibrated.initial["lsq+"].copy_model(), calibrated.bench.calib[:1])
+    )
+    costs = [10.0] + [1.0] * (n_units - 1)
+    monkeypatch.setattr(rec, "unit_costs", lambda *a: costs)
+    job = Job("train", "t")
+    seen = []
+    report = job.progress
+    monkeypatch.setattr(
+        job, "progress", lambda *a, **k: (report(*a, **k), seen.append((job.stage, job.fraction)))
+    )
+    recon = ReconstructConfig(iters=3, batch_size=8, compile=False, device="cpu")
+    cfg = train_cfg(2)
+    train_job(job, calibrated, ["lsq+", "minmax"], cfg, recon_cfg=recon)
+    views = calibrated.bench.data.recon_views
+    per_unit = [c * (3 * recon.iters + 4 * views / recon.batch_size) for c in costs]
+    step = 3 * sum(costs) * 4 / 3 * cfg.batch_size / recon.batch_size
+    per_method = sum(per_unit) + 2 * step
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    # The last iteration of the stem: 3/4 of its work (iterations count iters + 1 parts).
+    stem = [f for s, f in seen if s == "reconstructing lsq+: stem"]
+    assert stem[-1] == pytest.approx(per_unit[0] * 3 / 4 / (2 * per_method))
+    first_qat = next(f for s, f in seen if s == "training lsq+")
+    assert first_qat == pytest.approx((sum(per_unit) + step) / (2 * per_method))
+    second = next(f for s, f in seen if s.startswith("reconstructing minmax"))
+    assert second > 0.5
+
+
+def test_time_left_follows_the_cost_done_not_the_steps():
+    import time
+
+    job = Job("train", "t")
+    job.started = time.time() - 100
+    job.progress("reconstructing", 1, 10, work=(50.0, 100.0))  # one step of ten, half the cost
+    assert job.fraction == 0.5 and job.remaining == pytest.approx(100, rel=0.01)
+    assert job.describe().endswith("(100 s, about 2 min left)")
+    job.progress("training", 1, 10)  # no cost given: the steps count
+    assert job.fraction == 0.1 and job.remaining == pytest.approx(900, rel=0.01)

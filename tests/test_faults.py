@@ -158,7 +158,7 @@ def test_a_new_browser_session_sees_the_running_job(manager):
 
     job = manager.submit(Job("train", "Training lsq+"), waiting)
     try:
-        at = AppTest.from_file(str(ROOT / "pages" / "home.py"), default_timeout=30)
+        at = AppTest.from_file(str(ROOT / "app_pages" / "home.py"), default_timeout=30)
         at.run()  # a fresh session
         texts = [p.proto.text for p in at.get("progress")]
         assert any("training lsq+" in t for t in texts), texts
@@ -246,7 +246,7 @@ def test_server_binds_to_localhost_by_default_and_readme_says_how_to_expose_it()
 
 # --- the app says it in words -------------------------------------------------------------------
 def calibrate_page(settings) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages" / "calibrate.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "calibrate.py"), default_timeout=60)
     at.session_state["settings"] = settings
     at.run()
     assert not at.exception, at.exception
@@ -331,7 +331,7 @@ def test_stop_button_ends_training_and_the_run_is_saved_as_stopped(tmp_path, mon
     on_step(job, stepped.set)
     manager.submit(job, lambda j: train_job(j, comp, ["lsq+"], tc))
     assert stepped.wait(60), f"training never took a step ({job.status}: {job.message})"
-    at = AppTest.from_file(str(ROOT / "pages" / "train.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "train.py"), default_timeout=60)
     at.session_state["settings"] = settings
     at.run()
     stop = [b for b in at.button if b.label == "Stop"]

@@ -32,7 +32,7 @@ def manager(tmp_path_factory):
 
 
 def page(name: str) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages" / name), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app_pages" / name), default_timeout=120)
     at.session_state["settings"] = SMALL
     at.run()
     assert not at.exception, at.exception

@@ -20,7 +20,7 @@ def test_pip_builds_a_wheel_of_the_library_with_an_lsq_command(tmp_path):
     for name in ("pyproject.toml", "requirements.txt", "requirements-dev.txt", "README.md"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "lsq", src / "lsq", ignore=shutil.ignore_patterns("__pycache__"))
-    for extra in ("pages", "bench"):  # the flat layout that made setuptools refuse to guess
+    for extra in ("app_pages", "bench"):  # the flat layout that made setuptools refuse to guess
         shutil.copytree(ROOT / extra, src / extra, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip"]

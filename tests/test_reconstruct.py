@@ -308,3 +308,43 @@ def test_units_of_timm_architectures_cover_every_quantized_layer_once(arch):
     assert len(units) > 5  # blocks, not one unit per layer and not one for everything
     layers = [n for u in units for n in u.layers]
     assert sorted(layers) == sorted(quant_layers(model)) and len(set(layers)) == len(layers)
+
+
+@pytest.mark.parametrize("net, slow", [(ChainNet, "blocks.0.1"), (SkipNet, "b")])
+def test_unit_costs_are_measured_per_unit(net, slow):
+    """A unit made to take 30 ms longer (a sleep in its forward pass) costs the most."""
+    import time
+
+    from lsq.reconstruct import unit_costs
+
+    _, model = quantized(net)
+    x = data(4)
+    units = find_units(model, x[:1])
+    model.get_submodule(slow).register_forward_hook(lambda m, i, o: time.sleep(0.03))
+    chained = units[-1].paths == (HEAD,)
+    costs = unit_costs(model, units, x, chained)
+    names = [u.name for u in units]
+    assert len(costs) == len(units) and all(c > 0 for c in costs)
+    assert costs[names.index(slow)] >= 0.03
+    assert max(c for n, c in zip(names, costs, strict=True) if n != slow) < 0.03
+
+
+def test_progress_is_counted_in_each_units_cost(monkeypatch):
+    """Work moves by each unit's cost per iteration (costs given here), ends at its total, and
+    a QAT step is priced as three forward passes of every unit."""
+    import lsq.reconstruct as rec
+
+    teacher, model = quantized(ChainNet)
+    costs = [10.0, 1.0, 1.0, 2.0, 1.0, 1.0]
+    monkeypatch.setattr(rec, "unit_costs", lambda *a: costs)
+    cfg = dataclasses.replace(FAST, iters=4)
+    events = list(reconstruct(model, teacher, data(32), cfg))
+    per_unit = [c * (3 * cfg.iters + 4 * 32 / 16) for c in costs]
+    assert events[-1].work == events[-1].work_total == pytest.approx(sum(per_unit))
+    assert all(e.model_step == pytest.approx(3 * sum(costs)) for e in events)
+    ends = [e.work for e in events if e.kind == "unit"]
+    assert ends == pytest.approx([sum(per_unit[: k + 1]) for k in range(len(costs))])
+    steps = [e for e in events if e.kind == "step"]
+    for a, b in zip(steps[:-1], steps[1:], strict=True):
+        if a.unit_index == b.unit_index:  # one iteration: the unit's share of its work
+            assert b.work - a.work == pytest.approx(per_unit[a.unit_index] / (cfg.iters + 1))

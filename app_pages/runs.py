@@ -9,6 +9,7 @@ from lsq import plots
 from lsq.errors import LSQError
 from lsq.explorer import compare_runs_frame, saved_curves, saved_units
 from lsq.export import export_file, export_run, parity_warning
+from lsq.pipeline import FIT_GAP_NOTE
 from lsq.runs import list_runs, load_run, run_stage, runs_root
 from lsq.status import Status
 from ui import chart
@@ -21,21 +22,28 @@ infos = list_runs()
 if not infos:
     st.info("No saved runs yet: calibrating or training saves one per method.")
     st.stop()
-rows = [
-    {
-        "run": i.name,
-        "status": i.status,
-        "label": f"{i.config.get('method')} W{i.config.get('w_bits')}A{i.config.get('a_bits')}",
-        "agreement": ((i.meta.get("metrics_final") or i.meta.get("metrics_init")) or {}).get(
-            "agreement"
-        ),
-        "kl": ((i.meta.get("metrics_final") or i.meta.get("metrics_init")) or {}).get("kl"),
-        "stage": run_stage(i),
-    }
-    for i in infos
-]
+rows = []
+for i in infos:
+    metrics = (i.meta.get("metrics_final") or i.meta.get("metrics_init")) or {}
+    rows.append(
+        {
+            "run": i.name,
+            "status": i.status,
+            "label": f"{i.config.get('method')} W{i.config.get('w_bits')}A{i.config.get('a_bits')}",
+            "stage": run_stage(i),
+            **{k: metrics.get(k) for k in ("agreement", "kl", "calib_agreement", "calib_kl")},
+        }
+    )
 table = pd.DataFrame(rows)
-st.dataframe(table, hide_index=True)
+st.dataframe(
+    table,
+    hide_index=True,
+    column_config={
+        "calib_agreement": "agreement (calibration views)",
+        "calib_kl": "KL (calibration views)",
+    },
+)
+st.caption(f"Agreement and KL: on the held-out views, and on the calibration views. {FIT_GAP_NOTE}")
 incomplete = table[table.status == Status.INCOMPLETE]
 if len(incomplete):
     st.warning(

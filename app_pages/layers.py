@@ -6,6 +6,7 @@ from lsq import plots
 from lsq.explorer import layer_view, layers_job, sensitivity_job
 from lsq.export import offset_table
 from lsq.jobs import Job
+from lsq.pipeline import FIT_GAP_NOTE
 from lsq.status import Status
 from ui import chart, comparison_or_stop, job_manager, latest_job, show_job, submit
 
@@ -58,15 +59,18 @@ df = job.result
 
 metric = st.radio(
     "Error measure",
-    ["output_sqnr_db", "input_sqnr_db", "weight_sqnr_db"],
+    ["output_sqnr_db", "calib_output_sqnr_db", "input_sqnr_db", "weight_sqnr_db"],
     format_func={
         "output_sqnr_db": "layer output vs float model",
+        "calib_output_sqnr_db": "layer output vs float model (calibration views)",
         "input_sqnr_db": "layer input quantization",
         "weight_sqnr_db": "weight quantization",
     }.get,
     horizontal=True,
 )
 chart(plots.layer_error_figure(df, metric), key="err")
+if metric == "calib_output_sqnr_db":
+    st.caption(f"Measured on calibration views instead of held-out ones. {FIT_GAP_NOTE}")
 st.caption(
     "Why each range: an input error that is mostly clipping means the range is too narrow; "
     "mostly rounding, that its levels are spread too wide."

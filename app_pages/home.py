@@ -55,5 +55,5 @@ if st.button("Run the default", type="primary"):
         lambda job: calibrate_job(job, default),
     )
     if job is not None:
-        st.switch_page("pages/calibrate.py")
+        st.switch_page("app_pages/calibrate.py")
 show_job(job_manager().active())

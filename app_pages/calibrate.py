@@ -45,7 +45,7 @@ if done is None:
     if job is None:
         st.info("Press Calibrate to record activations and initialise each method's ranges.")
         if list_runs():
-            st.page_link("pages/runs.py", label="Earlier results are saved: open them on Runs")
+            st.page_link("app_pages/runs.py", label="Earlier results are saved: open them on Runs")
     st.stop()
 
 comp = done.result
@@ -68,7 +68,7 @@ for note in init_notes(comp).values():
 note = collapse_note(comp)
 if note:
     st.warning(note)
-    st.page_link("pages/train.py", label=repair_label(comp.settings))
+    st.page_link("app_pages/train.py", label=repair_label(comp.settings))
 
 st.subheader("Every layer's input range, right after init")
 log_scale = st.toggle("Symmetric log scale", value=True, help="ranges span -70…70 and 0…6")

@@ -5,11 +5,13 @@
 
 The Train page's recipe "block-wise reconstruction, then QAT" of two methods at W4A4, headless
 (``lsq.explorer.train_job``), with the job's progress read every half second. Each reading gives
-a predicted length of the whole job, elapsed / fraction done, two ways:
-- **by cost** (what the page shows): the fraction of the work done, each reconstruction unit
-  weighted by its measured cost and a QAT step by the whole model's (``Job.fraction``);
-- **by steps**: iterations and steps done / all of them, each counting the same (what the page
-  showed before).
+a predicted length of the whole job, elapsed + time left, two ways:
+- **by cost** (what the page shows, ``Job.remaining``): the work left in seconds as estimated
+  up front (each reconstruction unit's iteration timed once, a QAT step priced as an iteration
+  of every unit, each method's work around them in forward passes), scaled by the pace
+  measured since the first progress as it comes in;
+- **by steps** (what the page showed before): elapsed / the share of iterations and steps done,
+  each counting the same.
 After the first 10 % of the job, the largest prediction over the smallest is the number to
 watch (a steady estimate: near 1; the target: at most 2), with the worst reading's time.
 """
@@ -54,9 +56,9 @@ def main() -> None:
     readings = []  # (elapsed, predicted by cost, predicted by steps)
     while job.active:
         time.sleep(0.5)
-        by_cost, by_steps = job.fraction, (job.done / job.total if job.total else 0.0)
-        if by_cost > 0 and by_steps > 0:
-            readings.append((job.elapsed, job.elapsed / by_cost, job.elapsed / by_steps))
+        left, by_steps = job.remaining, (job.done / job.total if job.total else 0.0)
+        if left is not None and by_steps > 0:
+            readings.append((job.elapsed, job.elapsed + left, job.elapsed / by_steps))
     if job.status != "done":
         raise SystemExit(f"training {job.status}: {job.message}")
     length = job.elapsed

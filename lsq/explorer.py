@@ -36,6 +36,7 @@ from lsq.lab import (
     values_histogram,
 )
 from lsq.pipeline import (
+    LAYER_VIEWS,
     DataConfig,
     MethodResult,
     ModelSpec,
@@ -54,7 +55,13 @@ from lsq.pipeline import (
     write_progress,
 )
 from lsq.plots import Grid
-from lsq.reconstruct import ReconstructConfig, ReconstructEvent, unit_frame
+from lsq.reconstruct import (
+    COST_PASSES,
+    PASSES_PER_ITERATION,
+    ReconstructConfig,
+    ReconstructEvent,
+    unit_frame,
+)
 from lsq.runs import LoadedRun, list_runs, load_run
 from lsq.status import Status
 from lsq.train import TrainConfig, TrainEvent
@@ -371,9 +378,12 @@ def train_job(
     # The bar and the time left count work by cost, in seconds as reconstruction estimates them
     # from each unit's measured cost (``ReconstructEvent.work``): a QAT step is a forward and
     # backward pass of the whole model at its own batch, with the float model's forward on top
-    # (4 passes where reconstruction's iteration counts 3). Without reconstruction every QAT
-    # step costs the same. The line shows iterations and steps.
-    work = {"recon": 0, "recon_cost": 0.0, "step_cost": 1.0}
+    # (4 passes where reconstruction's iteration counts 3); a method's work around them, in
+    # forward passes of the whole model: timing the units before, the numbers on both view sets
+    # after each stage, QAT's evaluations, the saved run's per-layer table. Without
+    # reconstruction every QAT step costs the same. The line shows iterations and steps.
+    work = {"recon": 0, "recon_cost": 0.0, "step_cost": 1.0, "before": 0.0, "between": 0.0}
+    work["after"] = 0.0
     published: dict[str, MethodResult] = {}
     reconstructed: dict[str, MethodResult] = {}
     for i, method in enumerate(methods):
@@ -388,11 +398,13 @@ def train_job(
         def report(stage: str, done: int, cost: float, i=i) -> None:
             per_method = work["recon"] + steps
             per_method_cost = work["recon_cost"] + steps * work["step_cost"]
+            per_method_cost += work["before"] + work["between"] + work["after"]
             job.progress(
                 stage,
                 i * per_method + done,
                 len(methods) * per_method,
                 work=(i * per_method_cost + cost, len(methods) * per_method_cost),
+                seconds=recon_cfg is not None,
             )
 
         if recon_cfg is not None:
@@ -402,8 +414,14 @@ def train_job(
                 work["recon"], work["recon_cost"] = e.total, e.work_total
                 step_batches = train_cfg.batch_size / recon_cfg.batch_size if steps else 0
                 work["step_cost"] = e.model_step * 4 / 3 * step_batches
+                view = e.model_step / PASSES_PER_ITERATION / recon_cfg.batch_size  # a forward
+                both = len(bench.eval) + len(bench.calib)
+                qat_evals = len(bench.eval) if steps else 0
+                work["before"] = COST_PASSES * e.model_step
+                work["between"] = (both + qat_evals) * view if steps else 0.0
+                work["after"] = (both + qat_evals + 4 * LAYER_VIEWS) * view
                 if e.kind == "step":
-                    report(f"reconstructing {method}: {e.unit}", e.step, e.work)
+                    report(f"reconstructing {method}: {e.unit}", e.step, work["before"] + e.work)
 
             start = reconstruct_method(
                 bench, start, recon_cfg, on_event=on_unit, should_stop=job.stop_requested
@@ -419,13 +437,17 @@ def train_job(
             if e.kind == "step" and e.step % 10 == 0:
                 write_progress(run, history)
             if e.kind == "step":
-                done = work["recon_cost"] + e.step * work["step_cost"]
-                report(f"training {method}", work["recon"] + e.step, done)
+                done = work["before"] + work["recon_cost"] + work["between"]
+                report(
+                    f"training {method}", work["recon"] + e.step, done + e.step * work["step_cost"]
+                )
 
         result = train_method(
             bench, start, train_cfg, on_event=on_event, should_stop=job.stop_requested
         )
         published[method] = finish_run(run, bench, result)
+    if not job.stop_requested():
+        job.progress("done", job.total, job.total)
     return comp.with_results(reconstructed).with_results(published)
 
 

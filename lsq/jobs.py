@@ -23,6 +23,10 @@ from lsq.status import ACTIVE, Status
 log = logging.getLogger(__name__)
 
 
+#: Seconds of estimated work after which the measured pace weighs as much as the estimate.
+PACE_PRIOR_S = 30.0
+
+
 @dataclass
 class Job:
     """A unit of background work and everything a page needs to show it."""
@@ -42,16 +46,29 @@ class Job:
     started: float | None = None
     finished: float | None = None
     work: tuple[float, float] | None = None
+    #: When the first progress came, and the fraction done then: the pace is measured from
+    #: there (what came before, loading and compiling, is not work the rest will repeat).
+    _first: tuple[float, float] | None = field(default=None, repr=False)
+    _in_seconds: bool = field(default=False, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def progress(
-        self, stage: str, done: int, total: int, work: tuple[float, float] | None = None
+        self,
+        stage: str,
+        done: int,
+        total: int,
+        work: tuple[float, float] | None = None,
+        seconds: bool = False,
     ) -> None:
         """``done`` of ``total`` steps (what the line shows); ``work``: (done, total) of the
         job's estimated cost, when its steps cost unequal times (the bar and the time left
-        follow it)."""
+        follow it); ``seconds``: that cost is an estimate in seconds, which the time left starts
+        from until the pace is measured."""
         self.stage, self.done, self.total = stage, int(done), int(total)
         self.work = None if work is None or work[1] <= 0 else (float(work[0]), float(work[1]))
+        self._in_seconds = seconds and self.work is not None
+        if self._first is None and self.total:
+            self._first = (time.time(), self.fraction)
 
     def add_event(self, event: Any) -> None:
         self.events.append(event)
@@ -81,11 +98,19 @@ class Job:
 
     @property
     def remaining(self) -> float | None:
-        """Seconds left at the pace so far (None before the first step is done)."""
+        """Seconds left at the pace since the first progress came (None before a second)."""
         done = self.fraction
-        if not self.total or not self.done or self.done >= self.total or not 0 < done < 1:
+        if self._first is None or not self.done or self.done >= self.total or done >= 1:
             return None
-        return self.elapsed * (1 - done) / done
+        since, at = self._first
+        if self._in_seconds:  # the estimate, corrected by the pace as it is measured
+            done_s, total_s = self.work
+            worked = (done - at) * total_s
+            pace = (time.time() - since + PACE_PRIOR_S) / (worked + PACE_PRIOR_S)
+            return pace * (total_s - done_s)
+        if done <= at:
+            return None
+        return (time.time() - since) * (1 - done) / (done - at)
 
     def describe(self) -> str:
         """One line for a progress bar: stage, steps done, time taken and time left."""

@@ -166,12 +166,14 @@ class ReconstructEvent:
     work: float = 0.0
     work_total: float = 0.0
     #: The estimated seconds of one forward and backward pass of the whole model at the
-    #: reconstruction's batch: what a QAT step costs, in the same units.
+    #: reconstruction's batch (its units' iterations): what a QAT step costs, in the same units.
     model_step: float = 0.0
 
 
 #: One iteration (a forward and a backward pass) costs about this many forward passes.
 PASSES_PER_ITERATION = 3.0
+#: Passes of every unit ``unit_costs`` takes: one that may compile kernels, two timed.
+COST_PASSES = 3
 
 
 def _sync(device: torch.device) -> None:
@@ -179,27 +181,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def unit_costs(model: nn.Module, units: list[Unit], x: Tensor, chained: bool) -> list[float]:
-    """Seconds of one forward pass of each unit on the batch ``x`` (the model's input): the
-    second of two passes (the first may compile kernels). Chained units run one after another;
-    per-layer units are timed by hooks inside one forward pass of the model."""
+    """Seconds of one training iteration of each unit on the batch ``x`` (the model's input),
+    the least of two timed passes after one that may compile kernels. Chained units run one
+    after another, each a forward and a backward pass (gradients cleared after); per-layer units
+    are timed by hooks inside one forward pass of the model, an iteration counted as
+    ``PASSES_PER_ITERATION`` forward passes."""
     timed = _chain_costs if chained else _hooked_costs
-    timed(model, units, x)
-    return timed(model, units, x)
+    passes = [timed(model, units, x) for _ in range(COST_PASSES)]
+    return [min(c) for c in zip(*passes[1:], strict=True)]
 
 
 def _chain_costs(model: nn.Module, units: list[Unit], x: Tensor) -> list[float]:
     costs = []
+    x = x.detach()
     _sync(x.device)
-    for u in units:
-        t = time.perf_counter()
-        x = u.run(model, x)
-        _sync(x.device)
-        costs.append(time.perf_counter() - t)
+    try:
+        for u in units:
+            t = time.perf_counter()
+            out = u.run(model, x)
+            if out.requires_grad:  # a unit with nothing to learn has no backward pass
+                out.float().square().mean().backward()
+            _sync(x.device)
+            costs.append(time.perf_counter() - t)
+            x = out.detach()
+    finally:
+        model.zero_grad(set_to_none=True)
     return costs
 
 
+@torch.no_grad()
 def _hooked_costs(model: nn.Module, units: list[Unit], x: Tensor) -> list[float]:
     begun: dict[str, float] = {}
     spent: dict[str, float] = {}
@@ -222,7 +233,7 @@ def _hooked_costs(model: nn.Module, units: list[Unit], x: Tensor) -> list[float]
     finally:
         for h in hooks:
             h.remove()
-    return [spent.get(u.name, 0.0) for u in units]
+    return [PASSES_PER_ITERATION * spent.get(u.name, 0.0) for u in units]
 
 
 def _expand(model: nn.Module, name: str) -> list[str]:
@@ -505,10 +516,10 @@ def reconstruct(
     # Progress counted in each unit's measured cost: its iterations, and the passes over all
     # views (the float target, the error before and after, the quantized stream carried on).
     costs = unit_costs(model, units, views[:batch].to(device), chained)
-    passes = PASSES_PER_ITERATION * cfg.iters + 4 * n / min(batch, n)
+    passes = cfg.iters + 4 * n / min(batch, n) / PASSES_PER_ITERATION
     unit_work = [c * passes for c in costs]
     work_before = [sum(unit_work[:k]) for k in range(len(units) + 1)]
-    plan = {"work_total": work_before[-1], "model_step": PASSES_PER_ITERATION * sum(costs)}
+    plan = {"work_total": work_before[-1], "model_step": sum(costs)}
     start = time.perf_counter()
 
     x_fp = x_q = views.to(device)

@@ -256,8 +256,8 @@ def test_a_method_far_below_the_best_after_init_is_told_why():
 def test_the_bar_counts_each_unit_and_step_by_its_cost(calibrated, monkeypatch):
     """Reconstruction then QAT of two methods: the bar (and the time left) follows cost, not
     counts. With the stem given ten times the cost of any other unit, the bar after it stands
-    at its share of the job, and a QAT step counts as much as 4/3 of a reconstruction iteration
-    through every unit (times the batches' ratio)."""
+    at its share of the job, and a QAT step counts as much as 4/3 of an iteration of every unit
+    (times the batches' ratio: the float model's forward pass on top)."""
     import lsq.reconstruct as rec
     from lsq.reconstruct import ReconstructConfig
 
@@ -276,27 +276,64 @@ def test_the_bar_counts_each_unit_and_step_by_its_cost(calibrated, monkeypatch):
     cfg = train_cfg(2)
     train_job(job, calibrated, ["lsq+", "minmax"], cfg, recon_cfg=recon)
     views = calibrated.bench.data.recon_views
-    per_unit = [c * (3 * recon.iters + 4 * views / recon.batch_size) for c in costs]
-    step = 3 * sum(costs) * 4 / 3 * cfg.batch_size / recon.batch_size
-    per_method = sum(per_unit) + 2 * step
+    per_unit = [c * (recon.iters + 4 * views / recon.batch_size / 3) for c in costs]
+    step = sum(costs) * 4 / 3 * cfg.batch_size / recon.batch_size
+    # Around the units, in forward passes of one view (a third of an iteration over the batch):
+    # timing the units (3 passes) before; after reconstruction the numbers on both view sets
+    # and QAT's first evaluation; at the end the same and the per-layer table (4 x 8 views).
+    view = sum(costs) / 3 / recon.batch_size
+    bench = calibrated.bench
+    both, qat_eval = len(bench.eval) + len(bench.calib), len(bench.eval)
+    before, between = 3 * sum(costs), (both + qat_eval) * view
+    after = (both + qat_eval + 32) * view
+    per_method = before + sum(per_unit) + between + 2 * step + after
     fractions = [f for _, f in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     # The last iteration of the stem: 3/4 of its work (iterations count iters + 1 parts).
     stem = [f for s, f in seen if s == "reconstructing lsq+: stem"]
-    assert stem[-1] == pytest.approx(per_unit[0] * 3 / 4 / (2 * per_method))
+    assert stem[-1] == pytest.approx((before + per_unit[0] * 3 / 4) / (2 * per_method))
     first_qat = next(f for s, f in seen if s == "training lsq+")
-    assert first_qat == pytest.approx((sum(per_unit) + step) / (2 * per_method))
+    assert first_qat == pytest.approx((before + sum(per_unit) + between + step) / (2 * per_method))
     second = next(f for s, f in seen if s.startswith("reconstructing minmax"))
     assert second > 0.5
 
 
-def test_time_left_follows_the_cost_done_not_the_steps():
-    import time
+def test_time_left_follows_the_cost_done_not_the_steps(monkeypatch):
+    """The pace counts from the first progress (loading and compiling before it are not work
+    the rest repeats), over the cost done when the job gives it, else over the steps."""
+    import lsq.jobs
 
+    clock = [1000.0]
+    monkeypatch.setattr(lsq.jobs.time, "time", lambda: clock[0])
     job = Job("train", "t")
-    job.started = time.time() - 100
+    job.started = clock[0]
+    clock[0] += 30  # loading, compiling: no progress yet
+    job.progress("reconstructing", 0, 10, work=(0.0, 100.0))
+    assert job.remaining is None  # no pace yet
+    clock[0] += 100
     job.progress("reconstructing", 1, 10, work=(50.0, 100.0))  # one step of ten, half the cost
-    assert job.fraction == 0.5 and job.remaining == pytest.approx(100, rel=0.01)
-    assert job.describe().endswith("(100 s, about 2 min left)")
+    assert job.fraction == 0.5 and job.remaining == pytest.approx(100)
+    assert job.describe().endswith("(130 s, about 2 min left)")
     job.progress("training", 1, 10)  # no cost given: the steps count
-    assert job.fraction == 0.1 and job.remaining == pytest.approx(900, rel=0.01)
+    assert job.fraction == 0.1 and job.remaining == pytest.approx(900)
+
+
+def test_time_left_starts_from_an_estimate_in_seconds_and_follows_the_pace(monkeypatch):
+    """With the cost in estimated seconds (reconstruction's timed units), the time left is that
+    estimate at first, then the estimate scaled by the measured pace, weighed against the
+    estimate with PACE_PRIOR_S seconds of work."""
+    import lsq.jobs
+    from lsq.jobs import PACE_PRIOR_S
+
+    clock = [1000.0]
+    monkeypatch.setattr(lsq.jobs.time, "time", lambda: clock[0])
+    job = Job("train", "t")
+    job.started = clock[0]
+    job.progress("reconstructing", 0, 10, work=(0.0, 100.0), seconds=True)
+    assert job.remaining is None  # no step done yet
+    job.progress("reconstructing", 1, 10, work=(0.0, 100.0), seconds=True)
+    assert job.remaining == pytest.approx(100)  # the estimate itself
+    clock[0] += 100  # half the estimated work took 100 s: twice as slow as estimated
+    job.progress("reconstructing", 5, 10, work=(50.0, 100.0), seconds=True)
+    pace = (100 + PACE_PRIOR_S) / (50 + PACE_PRIOR_S)
+    assert job.remaining == pytest.approx(pace * 50)

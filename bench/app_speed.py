@@ -19,6 +19,7 @@ Chromium; anything else; the cores' idle time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -85,13 +86,10 @@ def _cpu(server: int) -> dict[str, float]:
     }
 
 
-def browser_seconds(args, methods: list[str], runs: Path) -> tuple[float, dict[str, float]]:
-    """The Train page's own time for the job, in Chromium against a fresh server, and the CPU
-    seconds the server (training included) and Chromium spent while it ran."""
-    from playwright.sync_api import sync_playwright
-
-    from lsq.explorer import RECIPES
-
+@contextlib.contextmanager
+def serve(runs: Path):
+    """``streamlit run app.py`` on a free port with ``runs`` as its runs folder: its URL and
+    process."""
     port = _free_port()
     env = dict(os.environ, LSQ_RUNS_DIR=str(runs))
     server = subprocess.Popen(
@@ -110,6 +108,20 @@ def browser_seconds(args, methods: list[str], runs: Path) -> tuple[float, dict[s
                     break
             except OSError:
                 time.sleep(0.5)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def browser_seconds(args, methods: list[str], runs: Path) -> tuple[float, dict[str, float]]:
+    """The Train page's own time for the job, in Chromium against a fresh server, and the CPU
+    seconds the server (training included) and Chromium spent while it ran."""
+    from playwright.sync_api import sync_playwright
+
+    from lsq.explorer import RECIPES
+
+    with serve(runs) as (url, server):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -147,9 +159,6 @@ def browser_seconds(args, methods: list[str], runs: Path) -> tuple[float, dict[s
             seconds = float(re.search(r"finished in (\d+) s", done.inner_text()).group(1))
             browser.close()
         return seconds, {k: after[k] - before[k] for k in after}
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def headless_seconds(args, methods: list[str]) -> tuple[float, float]:

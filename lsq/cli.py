@@ -428,7 +428,7 @@ def cmd_run(args) -> int:
     ]
     print("\nworst layers (output SQNR against the float model, held-out and calibration views):")
     print(worst.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    finish_run(run, bench, result)
+    finish_run(run, bench, result, layers=table)
     print(f"\nsaved run: {run.path}  ({time.perf_counter() - t0:.0f} s)")
     return 0 if result.status in (Status.COMPLETE, Status.STOPPED) else 1
 

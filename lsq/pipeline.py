@@ -517,12 +517,17 @@ def layer_frame(bench: Workbench, model: nn.Module, progress=None) -> pd.DataFra
     )
 
 
-def finish_run(run, bench: Workbench, result: MethodResult) -> MethodResult:
+def finish_run(
+    run, bench: Workbench, result: MethodResult, layers: pd.DataFrame | None = None
+) -> MethodResult:
     """Write the per-layer table, history, state dict and final metrics; mark the run done.
 
-    Returns ``result`` with its ``run_path``. The per-layer table is measured on a copy.
+    Returns ``result`` with its ``run_path``. The per-layer table is ``layers`` when the caller
+    has measured it (``layer_frame``), else measured here on a copy.
     """
-    run.write_table("layers", layer_frame(bench, result.copy_model()))
+    if layers is None:
+        layers = layer_frame(bench, result.copy_model())
+    run.write_table("layers", layers)
     write_progress(run, result.history)
     if result.recon_history:
         run.write_table("units", unit_frame(list(result.recon_history)))

@@ -87,27 +87,32 @@ def _cpu(server: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def serve(runs: Path):
-    """``streamlit run app.py`` on a free port with ``runs`` as its runs folder: its URL and
-    process."""
+def serve(runs: Path, log=subprocess.DEVNULL, **env):
+    """``streamlit run app.py`` on a free port with ``runs`` as its runs folder and ``env`` added
+    to its environment, its output to ``log``: its URL and process. Raises when it does not
+    answer within 60 s (the benchmarks and the browser tests both start it here)."""
     port = _free_port()
-    env = dict(os.environ, LSQ_RUNS_DIR=str(runs))
     server = subprocess.Popen(
         [
             sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
             "--server.headless", "true", "--server.port", str(port),
             "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
         ],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=dict(os.environ, LSQ_RUNS_DIR=str(runs), **env),
+        stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        deadline = time.time() + 60
+        while True:
             try:
                 if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
                     break
             except OSError:
-                time.sleep(0.5)
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("streamlit did not answer /_stcore/health within 60 s")
+            time.sleep(0.5)
         yield url, server
     finally:
         server.terminate()

@@ -9,27 +9,16 @@ import contextlib
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from bench.app_speed import ARGS, READY, serve
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "test-output" / "browser"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists() and not os.environ.get("CI"),
@@ -37,45 +26,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def streamlit_server(tmp_path_factory, **env_extra):
-    """``streamlit run app.py`` on a free port with its own runs and data folders; its URL."""
-    port = free_port()
-    env = dict(os.environ, LSQ_RUNS_DIR=str(tmp_path_factory.mktemp("runs")))
-    env["LSQ_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
-    env.update(env_extra)
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
-            "--server.headless", "true", "--server.port", str(port),
-            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-        ],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not answer /_stcore/health within 60 s")
-    try:
+def streamlit_server(tmp_path_factory, **env):
+    """The app's server (``bench.app_speed.serve``) with its own runs (unless ``env`` names
+    them) and data folders and a log; its URL."""
+    runs = env.pop("LSQ_RUNS_DIR", None) or tmp_path_factory.mktemp("runs")
+    env.setdefault("LSQ_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+    with (
+        open(tmp_path_factory.mktemp("log") / "streamlit.log", "w") as log,
+        serve(Path(runs), log=log, **env) as (url, _),
+    ):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +45,6 @@ def server(tmp_path_factory):
         yield url
 
 
-READY = "[data-testid='stApp'][data-test-script-state='notRunning']"
 CHARTS_DRAWN = """() => {
     const charts = document.querySelectorAll("[data-testid='stPlotlyChart']");
     return charts.length >= 1 && [...charts].every(

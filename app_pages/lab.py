@@ -45,66 +45,79 @@ if ss.get("lab_for") != (comp.calibration, layer):  # a new layer starts at LSQ+
     ss["lab_for"] = (comp.calibration, layer)
     put(lab.snap("mse", ss.get("lab_bits", comp.settings.a_bits), "asymmetric"))
 
-c1, c2 = st.columns([1, 2])
-bits = c1.select_slider("Bits", list(range(MIN_BITS, MAX_BITS + 1)), key="lab_bits")
-grid = c2.radio("Grid", GRIDS, format_func=GRID_NAMES.get, key="lab_grid", horizontal=True)
+learned = learned_settings(comp, layer)  # read once per layer, not on every move
 
-span = max(hi_obs - lo_obs, 1e-6)
-lo_min, hi_max = lo_obs - 0.25 * span, hi_obs + 0.25 * span
-lo_cur, hi_cur = ss.get("lab_range", (lo_obs, hi_obs))
-lo_min, hi_max = min(lo_min, lo_cur), max(hi_max, hi_cur, ss.get("lab_hi", hi_max))
-step = (hi_max - lo_min) / 1000
-if grid == "asymmetric":
-    lo, hi = st.slider(
-        "Range [low, high]", lo_min, hi_max, key="lab_range", step=step, format="%.4g"
+
+@st.fragment
+def lab_panel() -> None:
+    """The controls and what they do. Only this reruns when a control moves: the layer's own
+    numbers are drawn first, then the grid over the histogram, then the whole model's answer."""
+    c1, c2 = st.columns([1, 2])
+    bits = c1.select_slider("Bits", list(range(MIN_BITS, MAX_BITS + 1)), key="lab_bits")
+    grid = c2.radio("Grid", GRIDS, format_func=GRID_NAMES.get, key="lab_grid", horizontal=True)
+
+    span = max(hi_obs - lo_obs, 1e-6)
+    lo_min, hi_max = lo_obs - 0.25 * span, hi_obs + 0.25 * span
+    lo_cur, hi_cur = ss.get("lab_range", (lo_obs, hi_obs))
+    lo_min, hi_max = min(lo_min, lo_cur), max(hi_max, hi_cur, ss.get("lab_hi", hi_max))
+    step = (hi_max - lo_min) / 1000
+    if grid == "asymmetric":
+        lo, hi = st.slider(
+            "Range [low, high]", lo_min, hi_max, key="lab_range", step=step, format="%.4g"
+        )
+    else:
+        hi = st.slider(
+            "Upper bound (the grid's scale × its top level)",
+            step,
+            hi_max,
+            key="lab_hi",
+            step=step,
+            format="%.4g",
+        )
+        lo = 0.0
+
+    cols = st.columns(len(SNAPS) + 1)
+    for col, (kind, label) in zip(cols, SNAPS.items(), strict=False):
+        col.button(
+            f"Snap: {label}",
+            on_click=lambda k=kind: put(lab.snap(k, ss["lab_bits"], ss["lab_grid"])),
+            key=f"snap-{kind}",
+        )
+    if learned:
+        with cols[-1].popover("Snap: a learned value"):
+            st.selectbox("From", list(learned), key="lab_learned")
+            st.button(
+                "Use it", on_click=lambda: put(learned[ss["lab_learned"]]), key="snap-learned"
+            )
+
+    try:
+        setting = LabSetting.from_range(bits, grid, lo, hi)
+    except LSQError as e:
+        st.warning(str(e))
+        return
+    here = lab.local(setting)
+    split = here.split
+    m = st.columns(5)
+    m[0].metric("Clipping error (MSE)", f"{split.clip:.3g}", help="from values outside the range")
+    m[1].metric("Rounding error (MSE)", f"{split.round:.3g}", help="from values inside, rounded")
+    m[2].metric("Layer output SQNR", f"{here.output_sqnr_db:.1f} dB")
+    caption = st.empty()
+    outside = split.clip_summary()
+    chart(
+        plots.lab_figure(lab.histogram(), lab_grid(setting), lab.observed, COLOR_OF[grid], outside),
+        key="lab_hist",
     )
-else:
-    hi = st.slider(
-        "Upper bound (the grid's scale × its top level)",
-        step,
-        hi_max,
-        key="lab_hi",
-        step=step,
-        format="%.4g",
+    whole = lab.model_answer(setting)
+    m[3].metric("Model KL to float", f"{whole.kl:.4f}")
+    m[4].metric("Top-1 agreement", f"{whole.agreement:.0%}")
+    share = split.clip / split.total if split.total > 0 else 0.0
+    runs = f"{lab.units_run} of the network's units" if lab.units_run else "the whole model"
+    caption.caption(
+        f"Range [{setting.lo:.4g}, {setting.hi:.4g}], step {setting.scale:.4g}: clipping is "
+        f"{share:.0%} of this layer's input error; {plots.clip_text(outside)}. "
+        f"Update: this layer {here.seconds * 1000:.0f} ms, then the model "
+        f"{whole.seconds * 1000:.0f} ms on {len(lab.start)} views ({runs} rerun)."
     )
-    lo = 0.0
 
-cols = st.columns(len(SNAPS) + 1)
-for col, (kind, label) in zip(cols, SNAPS.items(), strict=False):
-    col.button(
-        f"Snap: {label}",
-        on_click=lambda k=kind: put(lab.snap(k, ss["lab_bits"], ss["lab_grid"])),
-        key=f"snap-{kind}",
-    )
-learned = learned_settings(comp, layer)
-if learned:
-    with cols[-1].popover("Snap: a learned value"):
-        choice = st.selectbox("From", list(learned), key="lab_learned")
-        st.button("Use it", on_click=lambda: put(learned[ss["lab_learned"]]), key="snap-learned")
 
-try:
-    setting = LabSetting.from_range(bits, grid, lo, hi)
-except LSQError as e:
-    st.warning(str(e))
-    st.stop()
-result = lab.evaluate(setting)
-split = result.split
-
-m = st.columns(5)
-m[0].metric("Clipping error (MSE)", f"{split.clip:.3g}", help="from values outside the range")
-m[1].metric("Rounding error (MSE)", f"{split.round:.3g}", help="from values inside, rounded")
-m[2].metric("Layer output SQNR", f"{result.output_sqnr_db:.1f} dB")
-m[3].metric("Model KL to float", f"{result.kl:.4f}")
-m[4].metric("Top-1 agreement", f"{result.agreement:.0%}")
-share = split.clip / split.total if split.total > 0 else 0.0
-runs = f"{lab.units_run} of the network's units" if lab.units_run else "the whole model"
-outside = split.clip_summary()
-st.caption(
-    f"Range [{setting.lo:.4g}, {setting.hi:.4g}], step {setting.scale:.4g}: clipping is "
-    f"{share:.0%} of this layer's input error; {plots.clip_text(outside)}. "
-    f"Update: {result.seconds * 1000:.0f} ms on {len(lab.start)} views ({runs} rerun)."
-)
-chart(
-    plots.lab_figure(lab.histogram(), lab_grid(setting), lab.observed, COLOR_OF[grid], outside),
-    key="lab_hist",
-)
+lab_panel()

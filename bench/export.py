@@ -121,7 +121,7 @@ def run_parity_table(runs: list[str], eval_views: int, folder: Path) -> pd.DataF
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    from lsq.analysis import sqnr_db
+    from lsq.metrics import sqnr_db
 
     return sqnr_db(ref, out)
 

@@ -16,21 +16,10 @@ from lsq.calibrate import ActStats
 from lsq.convert import QuantLayer, float_mode, quant_layers, switched
 from lsq.errors import LSQError
 from lsq.lab import error_split
+from lsq.metrics import sqnr_db
 from lsq.train import distillation_loss, logits
 
 GROUPS = ("stem", "depthwise", "expansion", "projection", "conv", "head", "classifier")
-
-
-def sqnr_db(reference: Tensor, approx: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB; inf when exact."""
-    ref = reference.detach().double()
-    noise = (ref - approx.detach().double()).pow(2).sum()
-    signal = ref.pow(2).sum()
-    if float(noise) == 0:
-        return math.inf
-    if float(signal) == 0:
-        return -math.inf
-    return float(10 * torch.log10(signal / noise))
 
 
 @torch.no_grad()

@@ -121,6 +121,7 @@ from lsq.convert import (
     switched,
 )
 from lsq.errors import LSQError
+from lsq.metrics import db, sqnr_db
 
 #: The parity an export must reach against the fake-quant model (``onnx_parity``): top-1
 #: agreement at least ``PARITY_MIN_AGREEMENT`` (or the fake-quant model's own float64-vs-float32
@@ -825,7 +826,6 @@ def onnx_parity(
     was read). With the float model's ``teacher_logits`` also each one's agreement and KL
     against the float model (what the app reports), to show the export changes neither.
     """
-    from lsq.analysis import sqnr_db
     from lsq.train import distillation_loss, logits
 
     ref = logits(model, views, batch).cpu()
@@ -904,12 +904,6 @@ def _output_taps(model: nn.Module, names, example: Tensor, fold_bn: bool) -> dic
 def _batch_norm(bn: nn.Module, y: Tensor) -> Tensor:
     """An eval-mode BatchNorm's normalisation alone (without a BatchNormAct2d's activation)."""
     return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 @torch.no_grad()
@@ -1014,10 +1008,10 @@ def onnx_layer_table(
                 "a_bits": layers[n].input_quant.bits,
                 "codes_differ": acc["differ"] / acc["codes"],
                 "codes_differ_same_input": acc["same"] / acc["codes"],
-                "input_vs_fake_quant_db": _db(acc["in"], acc["drift"]),
-                "output_sqnr_db": _db(acc["out"], acc["fq"]),
-                "onnx_output_sqnr_db": _db(acc["out"], acc["onnx"]),
-                "output_same_input_db": _db(acc["own"], acc["own_err"]),
+                "input_vs_fake_quant_db": db(acc["in"], acc["drift"]),
+                "output_sqnr_db": db(acc["out"], acc["fq"]),
+                "onnx_output_sqnr_db": db(acc["out"], acc["onnx"]),
+                "output_same_input_db": db(acc["own"], acc["own_err"]),
             }
             for n, acc in sums.items()
         ]
@@ -1030,14 +1024,14 @@ def first_divergence(table: pd.DataFrame) -> dict[str, Any]:
     ``output_same_input_db`` below ``LAYER_DIVERGENCE_DB``, or ``LAYER_DIVERGENCE_GAP_DB`` below
     the best tenth of the layers. Returns ``first_divergent_layer`` (None when no layer does),
     ``first_divergent_db`` and ``located`` (True: a table was read)."""
-    db = table["output_same_input_db"]
-    best = db[db < math.inf].quantile(0.9)
+    dbs = table["output_same_input_db"]
+    best = dbs[dbs < math.inf].quantile(0.9)
     bar = (
         LAYER_DIVERGENCE_DB
         if math.isnan(best)
         else max(LAYER_DIVERGENCE_DB, best - LAYER_DIVERGENCE_GAP_DB)
     )
-    low = table[db < bar]
+    low = table[dbs < bar]
     if low.empty:
         return {"first_divergent_layer": None, "first_divergent_db": math.nan, "located": True}
     row = low.iloc[0]

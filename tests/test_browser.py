@@ -97,9 +97,52 @@ def test_default_calibration_renders_charts_in_chromium(server):
         browser.close()
 
 
+def expected_lab_numbers(layer: str, bits: int, lo: float, hi: float) -> dict[str, float]:
+    """The Range lab's numbers for the LSQ+ grid spanning [lo, hi] on ``layer``'s input, computed
+    apart from ``lsq.lab``: the float model (no wrappers) on the app's first eval views, the
+    layer's input quantized by the paper's formula in a hook, KL(float || quantized) per view."""
+    import torch
+    import torch.nn.functional as F
+
+    from lsq.explorer import LAB_VIEWS, Settings
+    from lsq.pipeline import prepare
+
+    default = Settings()
+    bench = prepare(default.model, default.data)
+    model, views = bench.model.eval(), bench.eval[:LAB_VIEWS]
+    qmax = 2**bits - 1
+    s, b = (hi - lo) / qmax, lo  # the unsigned grid [0, qmax], its offset at the low end
+    got = {}
+
+    def quantize(module, inputs):
+        x = inputs[0]
+        v = (x - b) / s
+        xq = torch.clamp(torch.round(v), 0, qmax) * s + b
+        err = (xq.double() - x.double()) ** 2
+        outside = (v < 0) | (v > qmax)
+        got["clip"] = float(err[outside].sum() / x.numel())
+        return (xq,)
+
+    with torch.no_grad():
+        reference = model(views)
+        handle = dict(model.named_modules())[layer].register_forward_pre_hook(quantize)
+        try:
+            out = model(views)
+        finally:
+            handle.remove()
+    p_ref = F.log_softmax(reference.double(), -1)
+    kl = (p_ref.exp() * (p_ref - F.log_softmax(out.double(), -1))).sum(-1).mean()
+    agree = (out.argmax(-1) == reference.argmax(-1)).double().mean()
+    return {"clip": got["clip"], "kl": float(kl), "agreement": float(agree)}
+
+
 def test_range_lab_moves_with_a_slider_in_chromium(server):
-    """Move the lab's range (its upper end, by keyboard as a user can), see the numbers change."""
+    """Move the lab's range several times in a row (its upper end, by keyboard, without waiting
+    between keys, as a user can): the page ends on the last range, showing that range's own
+    numbers (against an independent computation), not a stale one's."""
     from playwright.sync_api import sync_playwright
+
+    from lsq.explorer import Settings
 
     OUT.mkdir(parents=True, exist_ok=True)
     shot = OUT / "range-lab.png"
@@ -120,27 +163,39 @@ def test_range_lab_moves_with_a_slider_in_chromium(server):
         page.wait_for_selector(READY)
         page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
         before = metric_values(page)
-        high = page.locator(".st-key-lab_range input[type='range']").last  # the upper end
-        high.focus()
-        page.keyboard.press("PageDown")  # a tenth of the slider down: the top is clipped
+        ends = page.locator(".st-key-lab_range input[type='range']")
+        start = [float(v) for v in ends.evaluate_all("(es) => es.map((e) => e.value)")]
+        ends.last.focus()
+        for _ in range(4):  # four tenths of the slider down, key after key: the top is clipped
+            page.keyboard.press("PageDown")
+            page.wait_for_timeout(60)
+        lo, hi = (float(v) for v in ends.evaluate_all("(es) => es.map((e) => e.value)"))
+        assert lo == start[0] and hi < start[1] - 0.3 * (start[1] - start[0])
+        # Settled: no run left, and the caption names the range the slider ends on.
         page.wait_for_function(
-            """(before) => {
-                const m = [...document.querySelectorAll("[data-testid='stMetric']")].find(
-                    (e) => e.innerText.includes("Clipping error"));
-                return m && !m.innerText.includes(before);
+            """(hi) => {
+                const app = document.querySelector("[data-testid='stApp']");
+                const text = [...document.querySelectorAll("[data-testid='stCaptionContainer']")]
+                    .map((e) => e.innerText).join(" ");
+                const m = text.match(/Range \\[([-0-9.e+]+), ([-0-9.e+]+)\\]/);
+                return app.dataset.testScriptState === "notRunning" && m
+                    && Math.abs(parseFloat(m[2]) - hi) <= 1e-3 * Math.abs(hi);
             }""",
-            arg=before["Clipping error (MSE)"],
+            arg=hi,
             timeout=60_000,
         )
-        page.wait_for_selector(READY)
         page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
         page.screenshot(path=str(shot), full_page=True)
         print(f"range lab screenshot: {shot}")
         after = metric_values(page)
         assert page.locator("[data-testid='stException']").count() == 0
-        assert float(after["Clipping error (MSE)"]) > float(before["Clipping error (MSE)"])
-        assert after["Model KL to float"] != before["Model KL to float"]
+        layer = page.locator(".st-key-lab_layer input").input_value()
         browser.close()
+    want = expected_lab_numbers(layer, Settings().a_bits, lo, hi)
+    assert float(after["Clipping error (MSE)"]) > float(before["Clipping error (MSE)"])
+    assert float(after["Clipping error (MSE)"]) == pytest.approx(want["clip"], rel=6e-3)
+    assert float(after["Model KL to float"]) == pytest.approx(want["kl"], abs=1.2e-4)
+    assert after["Top-1 agreement"] == f"{want['agreement']:.0%}"
 
 
 def test_repair_link_opens_the_train_page_on_the_recipe_it_names(server):

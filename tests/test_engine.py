@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from lsq import LSQError, make_config, quantize_model
-from lsq.analysis import layer_table, model_metrics, sensitivity, sqnr_db
+from lsq.analysis import layer_table, model_metrics, sensitivity
 from lsq.calibrate import ActStats, calibrate, collect_stats
 from lsq.convert import quant_layers
+from lsq.metrics import sqnr_db
 from lsq.train import TrainConfig, train
 
 

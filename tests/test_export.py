@@ -16,7 +16,6 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from lsq import LSQError, float_mode, make_config, quantize_model
-from lsq.analysis import sqnr_db
 from lsq.calibrate import calibrate
 from lsq.convert import quant_layers
 from lsq.export import (
@@ -32,6 +31,7 @@ from lsq.export import (
     onnx_parity,
     parity_warning,
 )
+from lsq.metrics import sqnr_db
 
 
 def quantized(model, config, x):

@@ -1,5 +1,6 @@
 """lsq.lab: clipping vs rounding error, the range lab's model-level numbers, the intro picture."""
 
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 
 from lsq import LSQError, make_config, quantize_model
 from lsq.calibrate import calibrate
-from lsq.convert import quant_layers
+from lsq.convert import float_mode, quant_layers
 from lsq.lab import (
     LabSetting,
     RangeLab,
@@ -173,6 +174,40 @@ def test_lab_kl_is_zero_off_and_equals_a_full_forward_for_the_mse_range(which, c
         assert lab.evaluate(None).kl == 0  # an update leaves nothing behind
         # The lab works on a copy: the model's own quantizers are untouched.
         assert quant_layers(model)[layer].input_quant.enabled
+
+
+def test_the_layers_own_numbers_follow_the_papers_formula(chain_model, views):
+    """``RangeLab.local`` (the numbers drawn first on a move) against the formula on the layer's
+    float input: x_q = clamp(round((x - b) / s), 0, 2^bits - 1) s + b; the clipping error from the
+    values outside [b, b + (2^bits - 1) s], the rounding error from the rest; the layer's output on
+    x_q against its float output. ``evaluate`` gives the same numbers beside the model's."""
+    layer = list(quant_layers(chain_model))[2]
+    lab = RangeLab(chain_model, layer, views)
+    lo, hi = lab.observed
+    setting = LabSetting.from_range(3, "asymmetric", lo + 0.2 * (hi - lo), hi - 0.3 * (hi - lo))
+    here = lab.local(setting)
+    model = copy.deepcopy(chain_model)
+    target = quant_layers(model)[layer]
+    got = {}
+    hook = target.register_forward_pre_hook(lambda m, i: got.update(x=i[0]))
+    with float_mode(model), torch.no_grad():
+        model(views)
+        hook.remove()
+        x = got["x"].double()
+        s, b, qmax = setting.scale, setting.offset, 7
+        xq = torch.clamp(torch.round((x - b) / s), 0, qmax) * s + b
+        outside = ((x - b) / s < 0) | ((x - b) / s > qmax)
+        err = (xq - x) ** 2
+        y, yq = target(got["x"]).double(), target(xq.float()).double()
+    assert outside.any() and (~outside).any()
+    assert here.split.clip == pytest.approx(float(err[outside].sum() / x.numel()), rel=1e-5)
+    assert here.split.round == pytest.approx(float(err[~outside].sum() / x.numel()), rel=1e-5)
+    assert here.split.power == pytest.approx(float(x.pow(2).mean()), rel=1e-6)
+    sqnr = 10 * math.log10(float((y**2).sum() / ((y - yq) ** 2).sum()))
+    assert here.output_sqnr_db == pytest.approx(sqnr, abs=1e-3)
+    both = lab.evaluate(setting)
+    assert (both.split, both.output_sqnr_db) == (here.split, here.output_sqnr_db)
+    assert both.kl == lab.model_answer(setting).kl > 0
 
 
 def test_snap_kinds_and_learned_setting_from_a_state_dict(chain_model, views):

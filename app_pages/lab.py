@@ -4,7 +4,7 @@ import streamlit as st
 
 from lsq import plots
 from lsq.errors import LSQError
-from lsq.explorer import lab_grid, learned_settings, range_lab
+from lsq.explorer import lab_grid, lab_picture, learned_settings, range_lab
 from lsq.lab import GRIDS, LabSetting
 from lsq.quantizers import MAX_BITS, MIN_BITS
 from ui import chart, comparison_or_stop
@@ -46,6 +46,7 @@ if ss.get("lab_for") != (comp.calibration, layer):  # a new layer starts at LSQ+
     put(lab.snap("mse", ss.get("lab_bits", comp.settings.a_bits), "asymmetric"))
 
 learned = learned_settings(comp, layer)  # read once per layer, not on every move
+picture = lab_picture(lab)  # the histogram's part of the chart, made once per layer
 
 
 @st.fragment
@@ -101,23 +102,21 @@ def lab_panel() -> None:
     m[0].metric("Clipping error (MSE)", f"{split.clip:.3g}", help="from values outside the range")
     m[1].metric("Rounding error (MSE)", f"{split.round:.3g}", help="from values inside, rounded")
     m[2].metric("Layer output SQNR", f"{here.output_sqnr_db:.1f} dB")
-    caption = st.empty()
-    outside = split.clip_summary()
-    chart(
-        plots.lab_figure(lab.histogram(), lab_grid(setting), lab.observed, COLOR_OF[grid], outside),
-        key="lab_hist",
-    )
+    caption, figure = st.empty(), st.empty()
     whole = lab.model_answer(setting)
     m[3].metric("Model KL to float", f"{whole.kl:.4f}")
     m[4].metric("Top-1 agreement", f"{whole.agreement:.0%}")
     share = split.clip / split.total if split.total > 0 else 0.0
     runs = f"{lab.units_run} of the network's units" if lab.units_run else "the whole model"
+    outside = split.clip_summary()
     caption.caption(
         f"Range [{setting.lo:.4g}, {setting.hi:.4g}], step {setting.scale:.4g}: clipping is "
         f"{share:.0%} of this layer's input error; {plots.clip_text(outside)}. "
         f"Update: this layer {here.seconds * 1000:.0f} ms, then the model "
         f"{whole.seconds * 1000:.0f} ms on {len(lab.start)} views ({runs} rerun)."
     )
+    # the chart last: the browser's heaviest redraw never holds a number back
+    chart(picture.figure(lab_grid(setting), COLOR_OF[grid], outside), figure, key="lab_hist")
 
 
 lab_panel()

@@ -40,6 +40,12 @@ ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
 ]  # fmt: skip
 READY = "[data-testid='stApp'][data-test-script-state='notRunning']"
+#: Every plotly chart on the page has drawn its SVG with traces in it (plotly draws after React).
+CHARTS_DRAWN = """() => {
+    const charts = document.querySelectorAll("[data-testid='stPlotlyChart']");
+    return charts.length >= 1 && [...charts].every(
+        (c) => c.querySelector('.js-plotly-plot .main-svg .trace'));
+}"""
 
 
 def _free_port() -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.app_speed import ARGS, CHROMIUM, READY, serve  # noqa: E402
+from bench.app_speed import ARGS, CHARTS_DRAWN, CHROMIUM, READY, serve  # noqa: E402
 
 LAYERS = (
     "conv_stem,blocks.0.0.conv_dw,blocks.1.0.conv_pw,blocks.3.0.conv_pw,blocks.5.0.conv_dw,"
@@ -68,6 +68,7 @@ def main() -> None:
             page.keyboard.type(layer)
             page.get_by_role("option", name=layer, exact=True).click()
             page.wait_for_selector(READY, timeout=120_000)
+            page.wait_for_function(CHARTS_DRAWN, timeout=60_000)  # the layer seen, then moved
             local, model = [], []
             for k in range(args.moves):
                 before = page.evaluate(METRICS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -54,7 +55,7 @@ from lsq.pipeline import (
     train_method,
     write_progress,
 )
-from lsq.plots import Grid
+from lsq.plots import Grid, LabPicture
 from lsq.reconstruct import (
     COST_PASSES,
     PASSES_PER_ITERATION,
@@ -550,6 +551,7 @@ def sensitivity_job(
 LAB_VIEWS = 8
 _LABS: OrderedDict[tuple, RangeLab] = OrderedDict()
 _LAB_LOCK = threading.Lock()
+_PICTURES: weakref.WeakKeyDictionary[RangeLab, LabPicture] = weakref.WeakKeyDictionary()
 
 
 def range_lab(comp: Comparison, layer: str, keep: int = 2) -> RangeLab:
@@ -567,6 +569,17 @@ def range_lab(comp: Comparison, layer: str, keep: int = 2) -> RangeLab:
         while len(_LABS) > keep:
             _LABS.popitem(last=False)
     return lab
+
+
+def lab_picture(lab: RangeLab) -> LabPicture:
+    """The lab's picture, its histogram part made once per lab (kept while the lab is)."""
+    with _LAB_LOCK:
+        picture = _PICTURES.get(lab)
+    if picture is None:
+        picture = LabPicture(lab.histogram(), lab.observed)
+        with _LAB_LOCK:
+            _PICTURES[lab] = picture
+    return picture
 
 
 def lab_grid(setting: LabSetting) -> Grid:

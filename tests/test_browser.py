@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.app_speed import ARGS, READY, serve
+from bench.app_speed import ARGS, CHARTS_DRAWN, READY, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "test-output" / "browser"
@@ -43,13 +43,6 @@ def streamlit_server(tmp_path_factory, **env):
 def server(tmp_path_factory):
     with streamlit_server(tmp_path_factory) as url:
         yield url
-
-
-CHARTS_DRAWN = """() => {
-    const charts = document.querySelectorAll("[data-testid='stPlotlyChart']");
-    return charts.length >= 1 && [...charts].every(
-        (c) => c.querySelector('.js-plotly-plot .main-svg .trace'));
-}"""
 
 
 def metric_values(page) -> dict[str, str]:

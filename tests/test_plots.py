@@ -671,3 +671,33 @@ def test_panel_heads_and_layer_axes_stay_readable_in_presentation_mode():
     assert len(big.layout.xaxis.ticktext) <= PRESENT_MAX_TICKS
     assert big.layout.xaxis.ticktext[0] == "0 · blocks.0.conv_pw"
     assert len(big.layout.xaxis.tickvals) == len(big.layout.xaxis.ticktext)
+
+
+def test_the_lab_picture_moves_only_its_grid_over_a_histogram_made_once(monkeypatch):
+    """The Range lab's chart per move (``LabPicture.figure``) is the one-panel histogram figure
+    of that grid, whatever the grid (bits, kind, range, clipped or not), while the histogram's
+    part is made once: after the picture exists, no move builds a panel figure again."""
+    import torch
+
+    import lsq.plots as plots
+    from lsq.lab import LabSetting, values_histogram
+    from lsq.plots import LabPicture, histogram_panels_figure
+
+    x = torch.randn(20_000, generator=torch.Generator().manual_seed(0)) * 1.3 + 0.2
+    hist, observed = values_histogram(x, 200), (float(x.min()), float(x.max()))
+    picture = LabPicture(hist, observed)
+    cases = [(4, "asymmetric", -2.0, 2.5), (8, "asymmetric", -1.0, 5.0), (3, "signed", 0, 1.5)]
+    cases += [(2, "unsigned", 0, 0.5), (4, "asymmetric", -10.0, 10.0)]  # the last clips nothing
+    want = {}
+    for bits, kind, lo, hi in cases:
+        s = LabSetting.from_range(bits, kind, lo, hi)
+        grid = Grid(s.levels, s.lo, s.hi)
+        outside = {"lsq+": s.split(x).clip_summary()}
+        want[(bits, kind, lo)] = histogram_panels_figure(
+            hist, {"lsq+": grid}, observed, title="This layer's input", outside=outside
+        ).to_plotly_json()
+    monkeypatch.setattr(plots, "make_subplots", lambda *a, **k: pytest.fail("a panel rebuilt"))
+    for bits, kind, lo, hi in cases:
+        s = LabSetting.from_range(bits, kind, lo, hi)
+        got = picture.figure(Grid(s.levels, s.lo, s.hi), "lsq+", s.split(x).clip_summary())
+        assert json.loads(pio.to_json(got)) == json.loads(pio.to_json(want[(bits, kind, lo)]))

@@ -4,6 +4,9 @@
     .venv/bin/python bench/lowbit.py --bits 4/4 --methods lsq+ --seeds 3     # + seed spread
     .venv/bin/python bench/lowbit.py --bits 4/4 --methods lsq+ --data        # photos vs synthetic
     .venv/bin/python bench/lowbit.py --bits 4/4,8/4 --methods lsq+ --optimizers --views
+    .venv/bin/python bench/lowbit.py --skip-main --folds 4 --bits 4/4 --resolution 160 \
+        --steps 0 --vary synthetic=0,64 --vary iters=30,120     # cross-validated choices
+    .venv/bin/python bench/lowbit.py --quick                  # every table at a smoke size
 
 Tables (each optional but the first):
 1. Methods x bits: top-1 agreement and KL against the float model on the held-out evaluation
@@ -17,6 +20,13 @@ Tables (each optional but the first):
 4. ``--optimizers``: QAT after reconstruction with Adam at absolute rates (the QAT defaults),
    Adam with updates relative to each quantizer's scale, and SGD with LSQ's gradient scaling.
 5. ``--compare-views``: QAT on fresh crops every step against the fixed calibration views.
+6. ``--folds K``: cross-validation by scene. Every bundled photo (both splits, 17 photos in 16
+   scenes: the stereo motorcycle pair is one) is dealt into K folds (``lsq.data.scene_folds``);
+   each fold in turn is held out for evaluation while the others calibrate and reconstruct. The
+   mean and spread over folds of the last stage's agreement and KL, beside the same recipe on the
+   standard split (the six evaluation photos). ``--vary FIELD=V1,V2`` (repeatable) reruns it with
+   one field of ``DataConfig`` (``synthetic``, ``recon_views``, ``calib_views``) or of
+   ``ReconstructConfig`` (``iters``, ...) changed at a time: the protocol that picks the defaults.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import torch  # noqa: E402
 
 from bench.tables import markdown  # noqa: E402
 from lsq.config import make_config, resolve_weight_init  # noqa: E402
+from lsq.data import named_bundled_images, scene_folds  # noqa: E402
 from lsq.pipeline import (  # noqa: E402
     DataConfig,
     ModelSpec,
@@ -224,6 +235,72 @@ def views_table(make_bench, data, bits, recon, train) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def variants(
+    data: DataConfig, recon: ReconstructConfig, vary: list[str]
+) -> list[tuple[str, DataConfig, ReconstructConfig]]:
+    """The defaults, then each ``FIELD=V1,V2`` value with that one field changed."""
+    out = [("defaults", data, recon)]
+    for item in vary:
+        field, _, values = item.partition("=")
+        target = data if hasattr(data, field) else recon if hasattr(recon, field) else None
+        if target is None or not values:
+            raise SystemExit(
+                f"--vary wants FIELD=V1,V2 with a DataConfig or ReconstructConfig field: {item}"
+            )
+        kind = type(getattr(target, field))
+        for value in values.split(","):
+            typed = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            if typed == getattr(target, field):
+                continue  # the defaults' row already has it
+            label = f"{field}={value}"
+            if target is data:
+                out.append((label, dataclasses.replace(data, **{field: typed}), recon))
+            else:
+                out.append((label, data, dataclasses.replace(recon, **{field: typed})))
+    return out
+
+
+def cv_table(make_bench, k: int, bits, methods, choices, train) -> pd.DataFrame:
+    """Each choice x bits x method: the recipe on every fold (held out by scene) and on the
+    standard split; the last stage's agreement and KL, mean and spread over the folds."""
+    folds = scene_folds(k)
+    rows = []
+
+    def last(r: dict, what: str) -> float:  # QAT's number where QAT ran (learnable methods)
+        return r[f"QAT {what}"] if f"QAT {what}" in r else r[f"rec {what}"]
+
+    for label, data, recon in choices:
+        for w, a in bits:
+            for method in methods:
+                cfg = config(method, w, a)
+                per_fold = []
+                for i, held in enumerate(folds):
+                    rest = tuple(n for j, f in enumerate(folds) if j != i for n in f)
+                    bench = make_bench(data, (rest, tuple(held)))
+                    per_fold.append(recipe(bench, cfg, recon, train))
+                    log(f"  {label} W{w}A{a} {method} fold {i}: {per_fold[-1]}")
+                standard = recipe(make_bench(data), cfg, recon, train)
+                kl = [last(r, "KL") for r in per_fold]
+                agree = [last(r, "agreement") for r in per_fold]
+                row = {
+                    "choice": label,
+                    "bits": f"W{w}A{a}",
+                    "method": method,
+                    "CV KL mean": statistics.mean(kl),
+                    "CV KL std": statistics.stdev(kl),
+                    "CV agreement mean": statistics.mean(agree),
+                    "CV agreement std": statistics.stdev(agree),
+                    "eval photos KL": last(standard, "KL"),
+                    "eval photos agreement": last(standard, "agreement"),
+                    "init CV KL mean": statistics.mean(r["init KL"] for r in per_fold),
+                }
+                if TIMING:
+                    row["s per run"] = statistics.mean(r["seconds"] for r in per_fold)
+                rows.append(row)
+                log(f"  {row}")
+    return pd.DataFrame(rows)
+
+
 def recon_changes(items: list[str]) -> dict:
     """``FIELD=VALUE`` pairs as ReconstructConfig changes, each value typed like the default."""
     defaults = ReconstructConfig()
@@ -245,7 +322,7 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--model", default="tf_efficientnet_lite0", help="a bundled model's timm name (offline)"
@@ -280,13 +357,31 @@ def main() -> None:
     p.add_argument("--optimizers", action="store_true")
     p.add_argument("--compare-views", action="store_true")
     p.add_argument("--skip-main", action="store_true", help="only the optional tables")
+    p.add_argument("--folds", type=int, default=0, help="cross-validation by scene, K folds")
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="with --folds: also each value of one DataConfig or ReconstructConfig field "
+        "(repeatable)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-timing", action="store_true", help="omit seconds (machine shared)")
-    args = p.parse_args()
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke size (64 px, 8 views, 2 iterations and steps, 2 folds unless given)",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.resolution, args.calib, args.eval_views, args.recon_views = 64, 8, 8, 8
+        args.iters, args.steps, args.folds = 2, min(args.steps, 2), args.folds or 2
+        args.bits = [b for b in args.bits if b == (4, 4)] or [(4, 4)]
     global TIMING
     TIMING = not args.no_timing
     torch.set_num_threads(args.threads)
-    command = "python bench/lowbit.py " + " ".join(sys.argv[1:])
+    command = "python bench/lowbit.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
     data = DataConfig(
         resolution=args.resolution,
@@ -298,11 +393,13 @@ def main() -> None:
     train = TrainConfig(steps=args.steps, eval_every=args.steps) if args.steps else None
     benches: dict = {}
 
-    def make_bench(d: DataConfig):
-        if d not in benches:
-            log(f"preparing {d}")
-            benches[d] = prepare(ModelSpec(args.model, "bundled"), data=d)
-        return benches[d]
+    def make_bench(d: DataConfig, photos: tuple[tuple[str, ...], tuple[str, ...]] | None = None):
+        """The workbench of ``d`` (on ``photos``: calibration and evaluation file names)."""
+        if (d, photos) not in benches:
+            log(f"preparing {d} {photos or ''}")
+            images = None if photos is None else tuple(named_bundled_images(p) for p in photos)
+            benches[d, photos] = prepare(ModelSpec(args.model, "bundled"), data=d, images=images)
+        return benches[d, photos]
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = [
@@ -350,6 +447,16 @@ def main() -> None:
         qat = train or TrainConfig(steps=20, eval_every=20)
         table = views_table(make_bench, data, args.bits, recon, qat)
         out += ["", "#### Fresh crops every step vs fixed views", "", markdown(table)]
+    if args.folds:
+        log("cross-validation")
+        choices = variants(data, recon, args.vary)
+        table = cv_table(make_bench, args.folds, args.bits, methods, choices, train)
+        out += [
+            "",
+            f"#### Cross-validated by scene: {args.folds} folds of the 17 bundled photos",
+            "",
+            markdown(table),
+        ]
     out += ["", f"wall time {(time.perf_counter() - t_start) / 60:.1f} min"]
     print("\n".join(out))
 

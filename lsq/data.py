@@ -86,6 +86,43 @@ def bundled_images(split: str) -> list[Image.Image]:
     return [load_image(folder / name) for name in names]
 
 
+#: Bundled photos that show one scene (a stereo pair): never split between folds or splits.
+SAME_SCENE: tuple[tuple[str, ...], ...] = (("motorcycle_left.png", "motorcycle_right.png"),)
+
+
+def bundled_scenes() -> list[tuple[str, ...]]:
+    """Every bundled photo (both splits: evaluation first), grouped by scene."""
+    scenes: list[tuple[str, ...]] = []
+    seen: set[str] = set()
+    for name in EVALUATION_IMAGES + CALIBRATION_IMAGES:
+        if name not in seen:
+            scene = next((s for s in SAME_SCENE if name in s), (name,))
+            seen.update(scene)
+            scenes.append(scene)
+    return scenes
+
+
+def scene_folds(k: int) -> list[list[str]]:
+    """The bundled photos in ``k`` folds by scene (dealt in turn, evaluation photos first, so
+    every fold gets object photos and others): cross-validation's held-out sets."""
+    scenes = bundled_scenes()
+    k = whole_number(k, "folds", 2, len(scenes))
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for i, scene in enumerate(scenes):
+        folds[i % k].extend(scene)
+    return folds
+
+
+def named_bundled_images(names: Sequence[str]) -> list[Image.Image]:
+    """Bundled photos by file name (any split)."""
+    known = set(EVALUATION_IMAGES + CALIBRATION_IMAGES)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise LSQError(f"not a bundled photo: {', '.join(unknown)}")
+    folder = skimage_data_dir()
+    return [load_image(folder / name) for name in names]
+
+
 def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image file (or its bytes) safely and return it as an RGB image.
 

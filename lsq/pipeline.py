@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -38,6 +39,9 @@ from lsq.reconstruct import ReconstructConfig, ReconstructEvent, reconstruct, un
 from lsq.status import ENDINGS, Status
 from lsq.train import TrainConfig, TrainEvent, ViewSource, logits, train
 from lsq.validate import whole_number
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: progress(stage, done, total)
 Progress = Callable[[str, int, int], None]
@@ -140,9 +144,12 @@ def prepare(
     device: str = "auto",
     progress: Progress = _noop,
     should_stop: Callable[[], bool] | None = None,
+    images: tuple[Sequence[Image.Image], Sequence[Image.Image]] | None = None,
 ) -> Workbench:
     """Load the model and make the calibration and evaluation views (synthesising images from
-    the model's BatchNorm statistics when ``data`` asks for them; cached on disk)."""
+    the model's BatchNorm statistics when ``data`` asks for them; cached on disk). ``images``:
+    the calibration and evaluation photos themselves (a cross-validation fold, say) instead of
+    those of ``data``'s source."""
     from lsq.data import bundled_images, folder_images, make_views
     from lsq.models import load_model
     from lsq.synthetic import SynthConfig, cached_synthesize
@@ -155,7 +162,11 @@ def prepare(
     res = data.resolution or int(loaded.data_config["input_size"][-1])
     progress("making views", 0, 1)
     skipped: tuple[str, ...] = ()
-    if data.source in ("bundled", "synthetic"):
+    if images is not None:
+        calib_imgs, eval_imgs = list(images[0]), list(images[1])
+        if not eval_imgs or (not calib_imgs and data.source != "synthetic"):
+            raise LSQError("calibration and evaluation each need at least one image")
+    elif data.source in ("bundled", "synthetic"):
         calib_imgs = bundled_images("calibration")
         eval_imgs = bundled_images("evaluation")
     else:

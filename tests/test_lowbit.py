@@ -66,6 +66,7 @@ from pathlib import Path  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from lsq.errors import LSQError  # noqa: E402
 from lsq.pipeline import (  # noqa: E402
     DataConfig,
     Stage,
@@ -181,3 +182,87 @@ def test_default_recipe_reconstructs_low_bit_weights_only():
     assert default_recipe(Settings(w_bits=4, a_bits=4)) == "reconstruct"
     assert default_recipe(Settings(w_bits=8, a_bits=4)) == "qat"
     assert default_recipe(Settings(w_bits=4, a_bits=4, quantize_weights=False)) == "qat"
+
+
+# --- cross-validation by scene (bench/lowbit.py --folds) -----------------------------------------
+
+
+def test_scene_folds_hold_every_bundled_photo_once_and_keep_the_stereo_pair_together():
+    from lsq.data import CALIBRATION_IMAGES, EVALUATION_IMAGES, scene_folds
+
+    every = sorted(CALIBRATION_IMAGES + EVALUATION_IMAGES)
+    for k in (2, 4, 16):
+        folds = scene_folds(k)
+        assert len(folds) == k and all(folds)
+        assert sorted(n for f in folds for n in f) == every  # each photo in exactly one fold
+        pair = [i for i, f in enumerate(folds) for n in f if n.startswith("motorcycle")]
+        assert len(pair) == 2 and pair[0] == pair[1]
+        objects = [sum(n in EVALUATION_IMAGES for n in f) for f in folds]
+        assert max(objects) - min(objects) <= 2  # object photos spread over the folds
+    with pytest.raises(LSQError, match="folds"):
+        scene_folds(17)  # 16 scenes
+
+
+def test_prepare_on_given_photos_makes_its_views_of_them(bench):
+    from lsq.data import CALIBRATION_IMAGES, EVALUATION_IMAGES, named_bundled_images
+
+    standard = (named_bundled_images(CALIBRATION_IMAGES), named_bundled_images(EVALUATION_IMAGES))
+    same = prepare(data=TINY, images=standard)
+    assert torch.equal(same.eval, bench.eval) and torch.equal(same.calib, bench.calib)
+    swapped = prepare(data=TINY, images=standard[::-1])
+    assert not torch.equal(swapped.eval, bench.eval)
+    assert torch.equal(swapped.teacher_eval, logits_of(bench.model, swapped.eval))
+    with pytest.raises(LSQError, match="at least one image"):
+        prepare(data=TINY, images=(standard[0], []))
+
+
+def logits_of(model, views):
+    with torch.no_grad():
+        return model.eval()(views)
+
+
+def test_cross_validation_holds_each_fold_out_once_and_averages_over_folds(monkeypatch):
+    """cv_table with a stand-in recipe whose numbers are known per held-out fold: every fold is
+    evaluated once on its own photos, calibrated on all the others, and the table's mean and
+    spread are those of the folds (the standard split reported beside them, not in them)."""
+    import statistics
+
+    import bench.lowbit as lowbit
+    from lsq.data import scene_folds
+
+    folds = scene_folds(3)
+    seen = []
+
+    def make_bench(data, photos=None):
+        seen.append(photos)
+        return photos
+
+    def recipe(photos, cfg, recon, train):
+        kl = 9.0 if photos is None else 1.0 + [f[0] for f in folds].index(photos[1][0])
+        return {"init KL": 2 * kl, "rec KL": kl, "rec agreement": 1 / kl, "seconds": 1.0}
+
+    monkeypatch.setattr(lowbit, "recipe", recipe)
+    choices = lowbit.variants(DataConfig(), ReconstructConfig(), ["iters=60,90"])
+    assert [c[0] for c in choices] == ["defaults", "iters=90"]  # 60 is the default
+    table = lowbit.cv_table(make_bench, 3, [(4, 4)], ["lsq+"], choices[:1], None)
+    for i, held in enumerate(folds):
+        rest = tuple(n for j, f in enumerate(folds) if j != i for n in f)
+        assert (rest, tuple(held)) in seen
+    row = table.iloc[0]
+    assert row["CV KL mean"] == 2.0 and row["CV KL std"] == pytest.approx(1.0)
+    assert row["CV agreement mean"] == pytest.approx(statistics.mean([1, 1 / 2, 1 / 3]))
+    assert row["eval photos KL"] == 9.0 and row["init CV KL mean"] == 4.0
+
+
+def test_bench_lowbit_cross_validates_at_its_smoke_size(capsys):
+    """The protocol's command at its smoke size: LSQ+ (reconstruction, then QAT) and min/max
+    (no QAT: its last stage is reconstruction), two folds."""
+    import bench.lowbit as lowbit
+
+    lowbit.main(["--quick", "--skip-main", "--folds", "2", "--methods", "lsq+,minmax"])
+    out = capsys.readouterr().out
+    assert "Cross-validated by scene: 2 folds" in out
+    rows = [x for x in out.splitlines() if x.startswith("| defaults")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows]
+    assert [c[:3] for c in cells] == [["defaults", "W4A4", m] for m in ("lsq+", "minmax")]
+    assert all(float(c) >= 0 for row in cells for c in row[3:])

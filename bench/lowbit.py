@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
         help="with --folds: also each value of one DataConfig or ReconstructConfig field "
         "(repeatable)",
     )
+    p.add_argument(
+        "--skip-defaults", action="store_true", help="with --vary: only the changed rows"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-timing", action="store_true", help="omit seconds (machine shared)")
     p.add_argument(
@@ -449,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         out += ["", "#### Fresh crops every step vs fixed views", "", markdown(table)]
     if args.folds:
         log("cross-validation")
-        choices = variants(data, recon, args.vary)
+        choices = variants(data, recon, args.vary)[1 if args.skip_defaults else 0 :]
         table = cv_table(make_bench, args.folds, args.bits, methods, choices, train)
         out += [
             "",

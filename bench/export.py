@@ -37,8 +37,9 @@ from bench.tables import markdown  # noqa: E402
 from lsq.config import make_config  # noqa: E402
 from lsq.convert import float_mode  # noqa: E402
 from lsq.export import deploy_model, export_onnx, onnx_logits  # noqa: E402
+from lsq.metrics import distillation_loss, logits  # noqa: E402
 from lsq.pipeline import DataConfig, ModelSpec, init_method, prepare, train_method  # noqa: E402
-from lsq.train import TrainConfig, distillation_loss, logits  # noqa: E402
+from lsq.train import TrainConfig  # noqa: E402
 
 THREADS = 2
 

@@ -84,12 +84,14 @@ def stage(name: str, metrics) -> dict:
     }
 
 
-def recipe(bench, cfg, recon: ReconstructConfig, train: TrainConfig | None) -> dict:
-    """Init, reconstruction, QAT: each stage's agreement and KL (held-out and calibration
-    views), and the seconds taken."""
+def recipe(bench, cfg, recon: ReconstructConfig | None, train: TrainConfig | None) -> dict:
+    """Init, reconstruction (``recon`` None: none), QAT: each stage's agreement and KL
+    (held-out and calibration views), and the seconds taken."""
     init = init_method(bench, cfg)
     row = stage("init", init.metrics)
     t0 = time.perf_counter()
+    if recon is None:
+        return row
     rec = reconstruct_method(bench, init, recon)
     row.update(stage("rec", rec.metrics))
     if train is not None and cfg.learnable:
@@ -333,7 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--views", dest="eval_views", type=int, default=64, help="evaluation views")
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--recon-views", type=int, default=DataConfig().recon_views)
-    p.add_argument("--iters", type=int, default=ReconstructConfig().iters)
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=ReconstructConfig().iters,
+        help="reconstruction iterations per unit (0: the main table right after init only)",
+    )
     p.add_argument(
         "--recon-set",
         action="append",
@@ -392,7 +399,9 @@ def main(argv: list[str] | None = None) -> None:
         eval_views=args.eval_views,
         recon_views=args.recon_views,
     )
-    recon = ReconstructConfig(iters=args.iters, **recon_changes(args.recon_set))
+    recon = (
+        ReconstructConfig(iters=args.iters, **recon_changes(args.recon_set)) if args.iters else None
+    )
     train = TrainConfig(steps=args.steps, eval_every=args.steps) if args.steps else None
     benches: dict = {}
 
@@ -405,11 +414,16 @@ def main(argv: list[str] | None = None) -> None:
         return benches[d, photos]
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    out = [
-        f"`{command}`: bundled {args.model}, {args.resolution} px, "
+    recipe_words = (
         f"{args.recon_views} reconstruction views (fresh crops of the calibration photos), "
-        f"{args.iters} iterations per unit, then {args.steps} QAT steps; {args.eval_views} "
-        f"held-out evaluation views; torch {torch.__version__}, {args.threads} threads"
+        f"{args.iters} iterations per unit, then {args.steps} QAT steps"
+        if args.iters
+        else "right after init (no reconstruction, no QAT)"
+    )
+    out = [
+        f"`{command}`: bundled {args.model}, {args.resolution} px, {args.calib} calibration "
+        f"views, {recipe_words}; {args.eval_views} held-out evaluation views; torch "
+        f"{torch.__version__}, {args.threads} threads"
     ]
     if not args.skip_main:
         log("method x bits")

@@ -42,8 +42,9 @@ def main() -> None:
     from lsq.config import make_config
     from lsq.convert import quantize_model
     from lsq.data import bundled_images, make_views
+    from lsq.metrics import distillation_loss
     from lsq.models import load_model
-    from lsq.train import TrainConfig, distillation_loss, train
+    from lsq.train import TrainConfig, train
 
     torch.set_num_threads(2)
     loaded = load_model()

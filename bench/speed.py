@@ -135,8 +135,8 @@ def bench_model(rounds: int) -> list[dict]:
     from lsq.config import make_config
     from lsq.convert import quantize_model
     from lsq.data import bundled_images, make_views
+    from lsq.metrics import distillation_loss
     from lsq.models import load_model
-    from lsq.train import distillation_loss
 
     loaded = load_model()
     teacher = loaded.model.eval()

@@ -16,8 +16,7 @@ from lsq.calibrate import ActStats
 from lsq.convert import QuantLayer, float_mode, quant_layers, switched
 from lsq.errors import LSQError
 from lsq.lab import error_split
-from lsq.metrics import sqnr_db
-from lsq.train import distillation_loss, logits
+from lsq.metrics import distillation_loss, logits, sqnr_db
 
 GROUPS = ("stem", "depthwise", "expansion", "projection", "conv", "head", "classifier")
 

@@ -63,7 +63,7 @@ def _is_target(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv2d, nn.Linear))
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -133,7 +133,7 @@ def quantize_model(
         aq.enabled = config.quantize_acts
         ql = QuantLayer(layer, aq, wq)
         ql.first_or_last = name in special
-        _set_submodule(model, name, ql)
+        set_submodule(model, name, ql)
     return names
 
 
@@ -185,7 +185,7 @@ def float_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # --- BatchNorm folding ---------------------------------------------------------------------------
-def _bn_replacement(bn: nn.Module) -> nn.Module | None:
+def bn_replacement(bn: nn.Module) -> nn.Module | None:
     """What stays of a BN after folding: nothing, or timm's BatchNormAct2d's drop + activation."""
     if type(bn) is nn.BatchNorm2d:
         return nn.Identity()
@@ -208,7 +208,7 @@ def conv_bn_pairs(
     for name, m in model.named_modules():
         if isinstance(m, producer):
             hooks.append((m, lambda mod, i, o, n=name: produced.__setitem__(id(o), (n, o)), False))
-        elif isinstance(m, nn.BatchNorm2d) and _bn_replacement(m) is not None:
+        elif isinstance(m, nn.BatchNorm2d) and bn_replacement(m) is not None:
 
             def pre(mod, inputs, n=name):
                 hit = produced.get(id(inputs[0]))
@@ -252,5 +252,5 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | None = None) -> lis
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         new_bias = (bias - bn.running_mean) * inv + beta
         conv.bias = nn.Parameter(new_bias)
-        _set_submodule(model, bn_name, _bn_replacement(bn))
+        set_submodule(model, bn_name, bn_replacement(bn))
     return pairs

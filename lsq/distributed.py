@@ -71,20 +71,19 @@ from lsq.convert import quantize_model
 from lsq.data import MAX_RESOLUTION, MIN_RESOLUTION
 from lsq.device import resolve_device
 from lsq.errors import LSQError
+from lsq.metrics import distillation_loss, logits
 from lsq.models import load_model
 from lsq.pipeline import ModelSpec
 from lsq.quantizers import fallback_note, refresh_flags, set_kernels
 from lsq.reconstruct import ReconstructConfig, reconstruct, unit_frame
 
 # The project's one atomic writer (temp file, fsync, rename), for the checkpoints too.
-from lsq.runs import Run, _atomic_write, _pid_alive, list_runs, load_run, runs_root
+from lsq.runs import Run, atomic_write, list_runs, load_run, pid_alive, runs_root
 from lsq.status import Status
 from lsq.train import (
     OPTIMIZERS,
     TrainConfig,
     WeightFlips,
-    distillation_loss,
-    logits,
     make_optimizer,
     param_groups,
     quantizer_snapshot,
@@ -521,7 +520,7 @@ def save_checkpoint(run_path: Path, state: dict, keep: int) -> Path:
     folder = run_path / "checkpoints"
     folder.mkdir(exist_ok=True)
     path = folder / f"step-{state['step']:08d}.pt"
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in _checkpoints(run_path)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -711,7 +710,7 @@ def _take_lock(run_path: Path) -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
-            if holder and holder.get("host") == host and not _pid_alive(holder.get("pid")):
+            if holder and holder.get("host") == host and not pid_alive(holder.get("pid")):
                 lock.unlink(missing_ok=True)  # stale: killed, or its machine restarted
                 continue
             who = (

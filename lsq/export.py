@@ -9,86 +9,9 @@ its tensors with the layer list in the header; ``onnx_parity`` measures the ONNX
 against the fake-quant model, and ``onnx_layer_table`` recomputes the per-layer table from the
 exported graph's intermediate tensors.
 
-The arithmetic of one exported layer (conv or linear; ``*`` is the layer's conv/matmul)::
-
-    q   = clamp(round((x - shift) / s_x) + z_x, qmin, qmax)    # integer input codes, b_a bits
-    x'  = s_x * (q - z_x)   [+ shift when restore]               # what the layer sees
-    y   = x' * (s_w[c] * W_q[c]) + bias[c]  [+ O[c] when border]  # W_q: integer codes, b_w bits
-    O   = conv(pad0(ones[H, W]), offset_kernel)                  # border: a bias per position
-
-``round`` is round-half-to-even (ONNX, ``torch.round``). Stored per layer (safetensors keys
-``<layer>.<tensor>``): ``weight_q`` (int8 codes in [-2^(b_w-1), 2^(b_w-1)-1]), ``weight_scale``
-(float32, one per output channel), ``weight_zero_point`` (int8 zeros: weights are symmetric),
-``bias`` (float32), ``input_scale`` (float32 s_x), ``input_zero_point`` (z_x, uint8 for unsigned
-grids, int8 for signed ones), ``input_shift`` (float32); bits, qmin/qmax, route and restore are in
-the header (``__metadata__["lsq_export"]``, JSON), and for a padded conv that folded an offset
-``offset_kernel`` (float32, [C_out, 1, kh, kw]) with the conv's input size, pads, stride and
-dilation. An integer runtime computes the sum as ``s_x * s_w[c] * sum(W_q * (q - z_x))`` in
-int32, then adds ``bias`` (and ``O``, computed once when it loads the model).
-
-Bits below 8 are stored in 8-bit containers (int8 weights, uint8/int8 activations) with the clamp
-range of their real bit width: weight codes are already in range; activations get a Clip on the
-codes between QuantizeLinear and DequantizeLinear (no Clip at 8 bits, where the container's own
-saturation is the clamp). int4 types are not used: ONNX Runtime's CPU convolution has no int4
-kernels.
-
-The bias is its own Add after the Conv (MatMul for a linear layer), never the Conv's third
-input: ONNX Runtime (1.30's level-1 ``WeightBiasQuantization``, on by default) rewrites a Conv
-whose input and weight come from DequantizeLinear and whose bias is a float constant so that
-the bias is int32 codes at scale ``s_x * s_w[c]``: it rounds the bias to a multiple of that.
-With BatchNorm folded into ``s_w`` that step is coarse at 4 bits (up to 4.5 in the bundled
-model's first depthwise conv at LSQ W4A4, a bias error up to 1.2 on biases up to 6): an LSQ W4A4
-run reconstructed 60 iterations per unit at 160 px exported at agreement 0.69, KL 0.40 against
-its fake-quant model (0.97, 1.1e-2 now). LSQ+ escaped most of it: its padded convs' folded
-offset already came as an Add. The cost: ONNX Runtime no longer fuses such a Conv with its
-activation (FusedConv) or into QLinearConv: 5 to 13 % slower on one CPU thread (160 px).
-
-BatchNorm. The fake-quant model quantizes the unfolded conv weight, per output channel:
-``W_hat = s[c] * W_q[c]``; BN then multiplies channel c by ``g[c] = gamma[c] / sqrt(var[c] + eps)``.
-Export folds g into the per-channel scale, ``s_w[c] = s[c] * g[c]``, and the shift into the bias,
-``bias = (b - mean) * g + beta``: exact, and the integer codes are the ones the model trained.
-(A channel with negative gamma gets a negative scale; ONNX Runtime accepts it.) A model quantized
-with ``fold_bn`` has no BN left to fold.
-
-LSQ+'s offset. The fake-quant input is ``x_hat = s * q + beta`` with q in [0, 2^b - 1] and a
-continuous beta; an integer runtime wants ``s * (q - z)`` with an integer z. Routes (``offset``):
-
-- **fold** (the default; exact): quantize with the continuous offset (``shift = beta``,
-  subtracted before rounding, which an integer runtime does in the producer's requantization
-  step), codes with zero point 0, and ``W * (s q + beta) = s (W * q) + beta * sum(W_hat[c])``:
-  beta moves into the bias. In a padded conv the fake-quant model pads ``s q + beta`` with zeros,
-  so the borders see less of beta: there the bias is one value per output position,
-  ``beta * conv(pad0(ones), W_hat)`` (``_OffsetBias``; ``border_bias`` in the layer table). The
-  codes are the fake-quant model's own codes.
-- **snap-padded**: fold where a per-channel bias is exact (no padding), snap in padded convs —
-  for a runtime that has only a per-channel bias.
-- **snap** (everywhere): ``z = round(-beta / s)``; the grid moves by ``|beta + z s| <= s / 2``,
-  so codes near a rounding boundary change: at 4 bits this is a different model. When z does not
-  fit the uint8 container (a range that does not contain 0), the snapped offset ``-z s`` is
-  subtracted before the pair and added back after it (``shift = -z s``, ``restore``, z = 0).
-- **restore**: beta subtracted before the pair and added back after DequantizeLinear, in float
-  (``restore``): every layer sees exactly the fake-quant model's input, but the conv's input is
-  not ``s * (q - z)`` with an integer z. A reference, to tell snapping costs from float order.
-
-Signed and unsigned LSQ inputs have no offset (z = 0, route "none"); a layer with its own
-forward (not Conv2d, Conv2dSame or Linear) snaps where fold would need a border bias.
-
-The graph is traced by torch's TorchScript ONNX exporter (``dynamo=False``): the pairs are emitted
-by ``symbolic`` methods of two small autograd functions, it needs no onnxscript, and it exports
-EfficientNet-Lite0 in about a second. With fold, parity is limited by float summation order
-only: the exported graph sums in another order than PyTorch (and BN folding reorders products),
-and a value on a rounding boundary then lands one code away; on a badly conditioned model (the
-bundled one at low resolution, or at 4 bits) such flips grow through the network.
-``bench/export.py`` prints the noise floor: the fake-quant model in float64 against float32.
-
-Parity. ``onnx_parity`` measures that floor with every export and says whether the export is
-within tolerance: top-1 agreement at least 0.95 and KL at most 10x the floor's (at least 1e-2,
-``parity_tolerance``). When it is not, the per-layer table on the exported graph names the
-first layer whose exported output, fed the same input as the fake-quant layer, differs from it
-by more than float rounding (``first_divergence``), or says that none does: then the shortfall
-is rounding flips grown through an ill-conditioned model (one whose float64 copy also flips
-top-1 on some views), not an arithmetic the export got wrong. ``parity_warning`` words it for
-the CLI and the app; ``bench/export_parity.py`` measures every method and bit-width.
+docs/EXPORT.md is the specification: one layer's arithmetic, the stored tensors and header, the
+routes for LSQ+'s offset (``fold``, ``snap-padded``, ``snap``, ``restore``), why every bias is
+its own Add after the conv, BatchNorm folding, and the parity bar.
 """
 
 from __future__ import annotations
@@ -113,11 +36,11 @@ from torch import Tensor, nn
 
 from lsq.convert import (
     QuantLayer,
-    _bn_replacement,
-    _set_submodule,
+    bn_replacement,
     conv_bn_pairs,
     float_mode,
     quant_layers,
+    set_submodule,
     switched,
 )
 from lsq.errors import LSQError
@@ -370,7 +293,7 @@ class ExportLayer(nn.Module):
         tensors: dict[str, Tensor] = {}
         if wq.enabled:
             s = wq.effective_scale().detach().float().cpu().expand(channels).clone()
-            codes = torch.round(torch.clamp(w / s.view(shape), wq.qmin, wq.qmax))
+            codes = wq.codes(w.to(wq.scale.device)).cpu()
             tensors["weight_q"] = codes.to(torch.int8)
             tensors["weight_scale"] = s * factor
             tensors["weight_zero_point"] = torch.zeros(channels, dtype=torch.int8)
@@ -573,9 +496,9 @@ def deploy_model(
         bn = model.get_submodule(bn_name) if bn_name else None
         layer = ExportLayer.from_quant_layer(name, ql, bn, offset, shapes.get(name))
         records.append(layer.record)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         if bn_name and layer.record.bn_folded:
-            _set_submodule(model, bn_name, _bn_replacement(bn))
+            set_submodule(model, bn_name, bn_replacement(bn))
     return model, records
 
 
@@ -629,10 +552,10 @@ def _check_out(path: str | os.PathLike, suffix: str, within: str | os.PathLike |
 
 
 def _write(path: Path, produce) -> None:
-    from lsq.runs import _atomic_write  # the project's one atomic writer (temp file, rename)
+    from lsq.runs import atomic_write  # the project's one atomic writer (temp file, rename)
 
     try:
-        _atomic_write(path, produce)
+        atomic_write(path, produce)
     except OSError as e:
         raise LSQError(f"could not write {path}: {e.strerror or e}") from e
 
@@ -784,7 +707,7 @@ def float64_floor(model: nn.Module, views: Tensor, batch: int = 32) -> dict[str,
     An export computes in another order than PyTorch, so it cannot be expected to match the
     fake-quant model much more closely than this (a value on a rounding boundary lands one code
     away, and at low bits such flips grow through the network)."""
-    from lsq.train import distillation_loss, logits
+    from lsq.metrics import distillation_loss, logits
 
     ref = logits(model, views, batch).cpu()
     m64 = copy.deepcopy(model).cpu().double().eval()
@@ -826,7 +749,7 @@ def onnx_parity(
     was read). With the float model's ``teacher_logits`` also each one's agreement and KL
     against the float model (what the app reports), to show the export changes neither.
     """
-    from lsq.train import distillation_loss, logits
+    from lsq.metrics import distillation_loss, logits
 
     ref = logits(model, views, batch).cpu()
     out = onnx_logits(onnx_path, views, batch)

@@ -27,10 +27,9 @@ from torch import Tensor, nn
 from lsq.convert import quant_layers, quantizers
 from lsq.errors import LSQError
 from lsq.init import lsq_init, minmax_init, mse_init
-from lsq.metrics import db, signal_power, sqnr_db
+from lsq.metrics import db, distillation_loss, signal_power, sqnr_db
 from lsq.quantizers import SCALE_FLOOR, Quantizer, check_bits, fake_quantize, int_range
 from lsq.reconstruct import Unit, find_units
-from lsq.train import distillation_loss
 
 #: The grids a layer input can have: LSQ+ (unsigned grid + continuous offset), unsigned, signed.
 GRIDS = ("asymmetric", "unsigned", "signed")

@@ -1,11 +1,13 @@
-"""Signal-to-noise in decibels, written once: layer tables, the Range lab and export use it."""
+"""How far a quantized model is from its float model, written once: signal-to-noise in decibels
+(layer tables, the Range lab, export), the distillation KL and top-1 agreement on logits."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def db(signal: float, noise: float) -> float:
@@ -26,3 +28,31 @@ def sqnr_db(reference: Tensor, approx: Tensor, signal: float | None = None) -> f
     # the difference in the inputs' dtype, its squares summed in float64 without a float64 copy
     noise = signal_power(reference.detach() - approx.detach())
     return db(signal_power(reference) if signal is None else signal, noise)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(teacher || student) on the softmax of the logits, averaged over the batch."""
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), -1),
+        F.log_softmax(teacher_logits.float(), -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+@torch.no_grad()
+def logits(model: nn.Module, views: Tensor, batch: int = 32) -> Tensor:
+    """The model's logits (fp32) on ``views``, in batches, on the model's device, in eval mode."""
+    device = next(model.parameters()).device
+    model.eval()
+    return torch.cat(
+        [model(views[i : i + batch].to(device)).float() for i in range(0, len(views), batch)]
+    )
+
+
+@torch.no_grad()
+def agreement_and_kl(model: nn.Module, views: Tensor, teacher_logits: Tensor, batch: int = 32):
+    """Top-1 agreement with the teacher and mean KL(teacher || model) on ``views``."""
+    out = logits(model, views, batch)
+    t = teacher_logits.to(out.device)
+    return float((out.argmax(-1) == t.argmax(-1)).float().mean()), float(distillation_loss(out, t))

@@ -35,9 +35,10 @@ from lsq.convert import quantize_model
 from lsq.data import MAX_RESOLUTION, MIN_RESOLUTION
 from lsq.device import resolve_device
 from lsq.errors import LSQError
+from lsq.metrics import logits
 from lsq.reconstruct import ReconstructConfig, ReconstructEvent, reconstruct, unit_frame
 from lsq.status import ENDINGS, Status
-from lsq.train import TrainConfig, TrainEvent, ViewSource, logits, train
+from lsq.train import TrainConfig, TrainEvent, ViewSource, train
 from lsq.validate import whole_number
 
 if TYPE_CHECKING:
@@ -68,8 +69,7 @@ class DataConfig:
     #: data (with source "synthetic", 0 means ``calib_views`` of them).
     synthetic: int = 0
     #: QAT draws new random crops every step instead of cycling over ``calib``. Off by default:
-    #: on the bundled model at W8A4 (160 px, 20 steps) fixed views ended at agreement 0.92 /
-    #: KL 0.19 and fresh crops at 0.86 / 0.25 (bench/lowbit.py --compare-views).
+    #: fixed views ended better on the bundled model (``bench/lowbit.py --compare-views``).
     fresh_views: bool = False
     #: Views block-wise reconstruction learns from: always fresh crops of the calibration
     #: photos (and the synthetic images), drawn once per reconstruction.

@@ -275,10 +275,19 @@ class Quantizer(nn.Module):
         """The scale the forward uses: the parameter, never below SCALE_FLOOR."""
         return self.scale.clamp_min(SCALE_FLOOR)
 
-    def _broadcast(self, t: Tensor | None, ndim: int) -> Tensor | None:
+    def broadcast(self, t: Tensor | None, ndim: int) -> Tensor | None:
+        """A per-channel ``t`` shaped to broadcast over an ``ndim``-d tensor (dim 0: channels)."""
         if t is None or not self.per_channel:
             return t
         return t.view(-1, *([1] * (ndim - 1)))
+
+    @torch.no_grad()
+    def codes(self, x: Tensor) -> Tensor:
+        """The integer code of every element of ``x`` (as floats), as the forward computes it:
+        round(clamp((x - offset) / scale, qmin, qmax))."""
+        s = self.broadcast(self.effective_scale().detach(), x.dim())
+        v = x if self.offset is None else x - self.broadcast(self.offset.detach(), x.dim())
+        return (v / s).clamp_(self.qmin, self.qmax).round_()
 
     def clip_range(self) -> tuple[Tensor, Tensor]:
         """The current clipping range [offset + qmin*scale, offset + qmax*scale], detached."""
@@ -327,8 +336,8 @@ class Quantizer(nn.Module):
             raise LSQError(
                 f"{self.role} quantizer used before initialisation: calibrate the model first"
             )
-        s = self._broadcast(self.effective_scale(), x.dim())
-        b = self._broadcast(self.offset, x.dim())
+        s = self.broadcast(self.effective_scale(), x.dim())
+        b = self.broadcast(self.offset, x.dim())
         return fake_quantize(x, s, b, self.qmin, self.qmax, self.grad_scale_for(x), self.kernels)
 
     def extra_repr(self) -> str:

@@ -28,8 +28,9 @@ from lsq.convert import float_mode, quant_layers
 from lsq.device import BF16, generator, resolve_device
 from lsq.errors import LSQError
 from lsq.init import init_weight_quantizer
+from lsq.metrics import distillation_loss
 from lsq.quantizers import fallback_note, set_kernels
-from lsq.train import LastGood, distillation_loss, make_optimizer, param_groups, update
+from lsq.train import LastGood, make_optimizer, param_groups, update
 from lsq.validate import finite_number
 
 #: Containers whose children timm runs one after another as the network's blocks.
@@ -50,15 +51,11 @@ class ReconstructConfig:
     a quantizer's scale and offset move by ``lr`` times its own scale per Adam step, so a step
     size of 5e-4 and one of 5 change by the same fraction (Adam otherwise moves every parameter
     by about ``lr``, whatever its size, and cancels LSQ's gradient scaling); with
-    ``relative_weight_lr`` a weight moves by ``lr_weights`` times its quantization step. On the
-    bundled model at W4A4 (128 px, 256 views, 80 iterations per unit) absolute rates (3e-5
-    weights, 1e-3 quantizers) reached agreement 0.55 / KL 1.43; relative quantizer rates 1e-2,
-    0.64 / 1.08; relative weights too, 0.78 / 0.75.
+    ``relative_weight_lr`` a weight moves by ``lr_weights`` times its quantization step. Why
+    each default is what it is, with measurements: docs/RECIPE.md.
     """
 
-    #: Per unit. 60 fits the default recipe in 5 minutes on 2 CPU cores at 224 px: on the
-    #: bundled model at W4A4 (224 px, 256 views, seed 0, agreement / KL) 60 iterations reached
-    #: 0.89 / 0.25 in 292 s and 80 reached 0.97 / 0.23 in 384 s (bench/lowbit.py --iters).
+    #: Per unit (chosen to fit the recipe in about 5 minutes on 2 CPU cores at 224 px).
     iters: int = 60
     batch_size: int = 32
     #: With ``relative_weight_lr``: the fraction of its quantization step a weight moves per
@@ -72,9 +69,7 @@ class ReconstructConfig:
     drop_prob: float = 0.5  # QDrop: chance that an input element comes from the float stream
     #: Weight ranges the units start from: "mse" searches every quantized layer's weight scales
     #: for the least quantization error first (per channel), "keep" starts from the model's own
-    #: init (LSQ+'s mean +- 3 sigma, LSQ's 2<|w|>/sqrt(Qp), min/max's max |w|). Measured on the
-    #: bundled model at W4A4 (160 px, 80 iterations, seed 0, agreement / KL): from LSQ+'s 3 sigma
-    #: ranges 0.73 / 0.61 (0.83 / 0.44 on 2 threads), from the MSE ranges 0.81 / 0.39.
+    #: init (LSQ+'s mean +- 3 sigma, LSQ's 2<|w|>/sqrt(Qp), min/max's max |w|).
     weight_init: str = "mse"
     #: "ste" or "learned" (``ROUNDINGS``). With "learned" the weights and weight scales stay
     #: fixed and each weight's rounding direction is learned: its soft value is
@@ -82,10 +77,7 @@ class ReconstructConfig:
     #: ``h(V) = clamp(sigmoid(V) * 1.2 - 0.1, 0, 1)``, started at the weight's own fraction, and a
     #: regulariser ``sum(1 - |2h - 1|^beta)`` pushes every h to 0 or 1 (beta annealed from 20 to
     #: 2 after ``round_warmup`` of the iterations); the unit ends with h rounded to 0 or 1.
-    #: BRECQ and QDrop run 20,000 iterations per block; in this CPU budget "ste" wins. On the
-    #: bundled model (160 px, 80 iterations, seed 0, agreement / KL): W4A4 "ste" 0.84 / 0.43,
-    #: "learned" 0.83 / 0.55 (lr_rounding 0.1; 1e-2: 0.66 / 0.84); W3A3 0.28 / 2.45 against
-    #: 0.22 / 2.70.
+    #: BRECQ and QDrop run 20,000 iterations per block; in this CPU budget "ste" ends better.
     rounding: str = "ste"
     lr_rounding: float = 0.1  # Adam's rate for V (absolute: V is about +-2.4 at the start)
     #: Weight of the rounding regulariser (its mean over the unit's weights), as a multiple of
@@ -414,7 +406,7 @@ class LearnedRounding(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         q, w = layer.weight_quant, layer.layer.weight.detach()
-        s = q._broadcast(q.effective_scale().detach(), w.dim())
+        s = q.broadcast(q.effective_scale().detach(), w.dim())
         self.qmin, self.qmax = q.qmin, q.qmax
         self.register_buffer("s", s.clone())
         self.register_buffer("floor", torch.floor(w / s))

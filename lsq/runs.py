@@ -133,7 +133,7 @@ class LoadedRun:
 # --------------------------------------------------------------------------- atomic files
 
 
-def _atomic_write(path: Path, produce: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, produce: Callable[[Path], None]) -> None:
     """Have ``produce`` write a temp file next to ``path``, fsync it, then rename it over ``path``.
 
     On any error the temp file is removed and ``path`` keeps its previous content.
@@ -197,7 +197,7 @@ def _write_json_file(path: Path, obj: Any, what: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(path, produce)
+    atomic_write(path, produce)
 
 
 def _read_json(path: Path) -> Any:
@@ -277,7 +277,7 @@ def _now() -> datetime:
     return datetime.now().astimezone()
 
 
-def _pid_alive(pid: object) -> bool:
+def pid_alive(pid: object) -> bool:
     """Whether a process with this pid exists (the current one always does)."""
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
@@ -396,7 +396,7 @@ class Run:
             df.to_csv(tmp, index=False)
 
         path = self.path / f"{name}.csv"
-        _atomic_write(path, produce)
+        atomic_write(path, produce)
         return path
 
     def write_json(self, name: str, obj: Any) -> Path:
@@ -418,7 +418,7 @@ class Run:
         name = _check_file_name(name, "state", ".safetensors")
         tensors = _plain_tensors(state_dict)
         path = self.path / f"{name}.safetensors"
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
         return path
 
     def __enter__(self) -> Run:
@@ -533,7 +533,7 @@ def _read_info(path: Path) -> RunInfo | None:
     info.started = str(st.get("started") or info.started)
     info.finished = st.get("finished")
     same_host = st.get("host") in (None, socket.gethostname())
-    if info.status == Status.RUNNING and same_host and not _pid_alive(st.get("pid")):
+    if info.status == Status.RUNNING and same_host and not pid_alive(st.get("pid")):
         info.status = Status.INCOMPLETE
         info.message = (
             f"interrupted: the process that wrote it (pid {st.get('pid')}) is gone; "

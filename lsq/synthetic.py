@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lsq.device import resolve_device
 from lsq.errors import LSQError
-from lsq.runs import _atomic_write
+from lsq.runs import atomic_write
 from lsq.validate import finite_number
 
 #: progress(done, total): images finished so far.
@@ -210,7 +210,7 @@ def cached_synthesize(
     images = synthesize(model, data_config, cfg, device, progress, should_stop)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_key, "seconds": f"{time.perf_counter() - t0:.1f}"}
-    _atomic_write(
+    atomic_write(
         path, lambda tmp: save_file({"images": images.contiguous()}, str(tmp), metadata=meta)
     )
     return images, False

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lsq.convert import quant_layers
 from lsq.device import BF16, generator, no_host_sync, resolve_device
 from lsq.errors import LSQError
+from lsq.metrics import agreement_and_kl, distillation_loss, logits
 from lsq.quantizers import SCALE_FLOOR, Quantizer, fallback_note, project_scales_, set_kernels
 from lsq.validate import finite_number
 
@@ -142,11 +143,7 @@ def quantizer_snapshot(model: nn.Module) -> dict[str, tuple[float, float, float]
 def weight_codes(layer: nn.Module) -> Tensor:
     """The integer code of every weight of a ``QuantLayer`` under its weight quantizer (int16):
     round(clamp((w - offset) / scale, qmin, qmax)), as the fake quantizer computes it."""
-    q = layer.weight_quant
-    w = layer.layer.weight.detach()
-    v = w - q._broadcast(q.offset.detach(), w.dim()) if q.offset is not None else w
-    v = v / q._broadcast(q.effective_scale().detach(), w.dim())
-    return v.clamp_(q.qmin, q.qmax).round_().to(torch.int16)
+    return layer.weight_quant.codes(layer.layer.weight.detach()).to(torch.int16)
 
 
 class WeightFlips:
@@ -192,34 +189,6 @@ class WeightFlips:
             name: (int(values[2 * i]), int(values[2 * i + 1]), self.start[name].numel())
             for i, name in enumerate(self.layers)
         }
-
-
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """KL(teacher || student) on the softmax of the logits, averaged over the batch."""
-    return F.kl_div(
-        F.log_softmax(student_logits.float(), -1),
-        F.log_softmax(teacher_logits.float(), -1),
-        log_target=True,
-        reduction="batchmean",
-    )
-
-
-@torch.no_grad()
-def logits(model: nn.Module, views: Tensor, batch: int = 32) -> Tensor:
-    """The model's logits (fp32) on ``views``, in batches, on the model's device, in eval mode."""
-    device = next(model.parameters()).device
-    model.eval()
-    return torch.cat(
-        [model(views[i : i + batch].to(device)).float() for i in range(0, len(views), batch)]
-    )
-
-
-@torch.no_grad()
-def agreement_and_kl(model: nn.Module, views: Tensor, teacher_logits: Tensor, batch: int = 32):
-    """Top-1 agreement with the teacher and mean KL(teacher || model) on ``views``."""
-    out = logits(model, views, batch)
-    t = teacher_logits.to(out.device)
-    return float((out.argmax(-1) == t.argmax(-1)).float().mean()), float(distillation_loss(out, t))
 
 
 def param_groups(

@@ -2,7 +2,8 @@
 
 Runs the one-click default (bundled EfficientNet-Lite0, 224 px, four methods) exactly as a user
 would, then drags a range in the range lab; saves screenshots to test-output/browser/ (each
-test prints its path). Skipped only where Chromium is missing.
+test prints its path). Skipped only where Chromium is missing. ``UPDATE_SCREENSHOTS=1 ./test -k
+browser`` also writes the README's pictures (docs/img/*.png) from what the tests see.
 """
 
 import contextlib
@@ -18,6 +19,9 @@ from bench.app_speed import ARGS, CHARTS_DRAWN, READY, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "test-output" / "browser"
+DOCS_IMG = ROOT / "docs" / "img"
+#: The README's pictures: at most this wide and this large (tests/test_docs.py checks the size).
+SHOT_WIDTH, SHOT_BYTES = 1000, 200_000
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 pytestmark = pytest.mark.skipif(
@@ -43,6 +47,28 @@ def streamlit_server(tmp_path_factory, **env):
 def server(tmp_path_factory):
     with streamlit_server(tmp_path_factory) as url:
         yield url
+
+
+def readme_shot(target, name: str) -> None:
+    """With ``UPDATE_SCREENSHOTS=1``: ``docs/img/<name>.png``, a picture of ``target`` (a page's
+    viewport or one element) at most SHOT_WIDTH px wide, in at most 256 colours and SHOT_BYTES."""
+    if os.environ.get("UPDATE_SCREENSHOTS") != "1":
+        return
+    from PIL import Image
+
+    raw = OUT / f"{name}-raw.png"
+    target.screenshot(path=str(raw))
+    img = Image.open(raw).convert("RGB")
+    if img.width > SHOT_WIDTH:
+        img = img.resize((SHOT_WIDTH, round(img.height * SHOT_WIDTH / img.width)), Image.LANCZOS)
+    DOCS_IMG.mkdir(parents=True, exist_ok=True)
+    out = DOCS_IMG / f"{name}.png"
+    for colours in (256, 128, 64, 32):
+        img.quantize(colours).save(out, optimize=True)
+        if out.stat().st_size <= SHOT_BYTES:
+            print(f"README picture: {out} ({out.stat().st_size} bytes)")
+            return
+    raise AssertionError(f"{out} stays over {SHOT_BYTES} bytes")
 
 
 def metric_values(page) -> dict[str, str]:
@@ -86,6 +112,9 @@ def test_default_calibration_renders_charts_in_chromium(server):
         assert page.locator("[data-testid='stPlotlyChart']").count() >= 2
         assert page.locator(".js-plotly-plot .trace").count() > 0
         page.screenshot(path=str(OUT / "calibrate.png"), full_page=True)
+        charts = page.locator("[data-testid='stPlotlyChart']")
+        readme_shot(charts.nth(0), "calibrate-ranges")
+        readme_shot(charts.nth(1), "calibrate-histograms")
         (OUT / "timing.txt").write_text(f"default calibration to charts: {seconds:.1f} s\n")
         browser.close()
 
@@ -180,6 +209,7 @@ def test_range_lab_moves_with_a_slider_in_chromium(server):
         page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
         page.screenshot(path=str(shot), full_page=True)
         print(f"range lab screenshot: {shot}")
+        readme_shot(page, "range-lab")
         after = metric_values(page)
         assert page.locator("[data-testid='stException']").count() == 0
         layer = page.locator(".st-key-lab_layer input").input_value()
@@ -213,6 +243,7 @@ def test_repair_link_opens_the_train_page_on_the_recipe_it_names(server):
         page.get_by_text("Recipe").first.wait_for(timeout=60_000)
         page.wait_for_selector(READY)
         page.screenshot(path=str(OUT / "train-after-repair.png"), full_page=True)
+        readme_shot(page, "train")
         assert page.get_by_role("radio", name=recipe).is_checked()
         assert page.locator("[data-testid='stException']").count() == 0
         browser.close()

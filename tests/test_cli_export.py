@@ -158,18 +158,18 @@ def test_runs_page_warns_with_the_diverging_layer_when_parity_is_below_the_bar(
 
 
 def test_layers_page_shows_each_offsets_distance_to_its_snapped_zero_point():
-    import ui
+    from conftest import own_job_manager
+
     from lsq.explorer import Settings, calibrate_job
-    from lsq.jobs import Job, JobManager
+    from lsq.jobs import Job
     from lsq.pipeline import DataConfig
 
     small = Settings(
         data=DataConfig(resolution=64, calib_views=8, eval_views=8, batch_size=8),
         methods=("lsq+", "lsq"),
     )
-    own = JobManager()
     mp = pytest.MonkeyPatch()
-    mp.setattr(ui, "job_manager", lambda: own)
+    own = own_job_manager(mp)
     try:
         calib = own.submit(
             Job("calibrate", "Calibration", {"settings": small}),

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from lsq import METHODS, LSQError, QuantConfig, make_config
@@ -90,20 +92,19 @@ def test_the_cli_and_the_app_build_the_same_config_for_the_same_bits():
             assert run_config(args) == app, (method, w, a)
 
 
-def test_the_cli_and_the_train_page_default_to_train_config():
-    from lsq.cli import build_parser
+def test_the_cli_maps_each_training_option_to_its_own_field():
+    """``lsq run``'s options become the TrainConfig the run trains with: with no option, the
+    defaults (those the Train page starts from); each rate to its own field (a swap fails)."""
+    from lsq.cli import build_parser, train_config
     from lsq.train import TrainConfig
 
-    args = build_parser().parse_args(["run"])
     default = TrainConfig()
-    assert (args.optimizer, args.lr, args.lr_act, args.lr_wq, args.batch_size, args.seed) == (
-        default.optimizer,
-        default.lr_weights,
-        default.lr_act_quant,
-        default.lr_weight_quant,
-        default.batch_size,
-        default.seed,
-    )
+    got = train_config(build_parser().parse_args(["run"]), default.steps)
+    assert dataclasses.replace(got, device=default.device) == default
+    args = ["run", "--lr", "0.5", "--lr-act", "0.25", "--lr-wq", "0.125", "--batch-size", "3"]
+    got = train_config(build_parser().parse_args([*args, "--seed", "7"]), 9)
+    assert (got.lr_weights, got.lr_act_quant, got.lr_weight_quant) == (0.5, 0.25, 0.125)
+    assert (got.batch_size, got.seed, got.steps) == (3, 7, 9)
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,9 @@ import torch
 from helpers import on_step
 from streamlit.testing.v1 import AppTest
 
-import ui
 from lsq.errors import LSQError
 from lsq.explorer import Settings, calibrate_job, train_job
-from lsq.jobs import Job, JobManager
+from lsq.jobs import Job
 from lsq.pipeline import DataConfig, ModelSpec, Stage
 from lsq.runs import load_run
 from lsq.train import TrainConfig
@@ -27,15 +26,6 @@ TINY = Settings(
     methods=("lsq+", "minmax"),
     device="cpu",
 )
-
-
-@pytest.fixture
-def manager(monkeypatch, tmp_path):
-    """A job manager of this test only (the app's pages see it), and runs under tmp_path."""
-    own = JobManager()
-    monkeypatch.setattr(ui, "job_manager", lambda: own)
-    monkeypatch.setenv("LSQ_RUNS_DIR", str(tmp_path / "runs"))
-    return own
 
 
 @pytest.fixture

@@ -29,18 +29,6 @@ from lsq.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def manager(monkeypatch, tmp_path):
-    """A job manager of this test only (the pages see it, and no other test's job), saving runs
-    under tmp_path."""
-    import ui
-
-    own = JobManager()
-    monkeypatch.setattr(ui, "job_manager", lambda: own)
-    monkeypatch.setenv("LSQ_RUNS_DIR", str(tmp_path / "runs"))
-    return own
-
-
 # --- data ---------------------------------------------------------------------------------------
 def write_images(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import ui
 from lsq.explorer import Settings
 from lsq.health import CHECKS
 from lsq.jobs import JobManager
@@ -21,14 +20,8 @@ GROUPED = ["check", "layers", "worst layers", "reason"]
 
 
 @pytest.fixture(scope="module")
-def manager(tmp_path_factory):
-    """This module's own job manager and runs folder."""
-    own = JobManager()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LSQ_RUNS_DIR", str(tmp_path_factory.mktemp("runs")))
-    mp.setattr(ui, "job_manager", lambda: own)
-    yield own
-    mp.undo()
+def manager(module_manager):
+    return module_manager
 
 
 def page(name: str) -> AppTest:

@@ -21,7 +21,7 @@ from lsq.lab import (
     snap,
     swish_sample,
 )
-from lsq.train import distillation_loss
+from lsq.metrics import distillation_loss
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -215,7 +215,7 @@ def test_learned_rounding_starts_at_the_float_weight_and_ends_on_floor_or_ceil()
     for name, layer in quant_layers(model).items():
         q, w = layer.weight_quant, layer.layer.weight.detach()
         r = LearnedRounding(layer)
-        s = q._broadcast(q.effective_scale().detach(), w.dim())
+        s = q.broadcast(q.effective_scale().detach(), w.dim())
         lo, hi = q.qmin * s, q.qmax * s
         clipped = torch.maximum(torch.minimum(w, hi), lo)
         assert torch.allclose(r(), clipped, atol=2e-4 * float(s.max())), name
@@ -265,7 +265,7 @@ def test_learned_rounding_repairs_each_unit_and_leaves_weights_on_the_grid():
         if n in kept:  # a unit that kept its start keeps its float weights
             assert torch.equal(w, w0[n]), n
             continue
-        s = q._broadcast(q.effective_scale().detach(), w.dim())
+        s = q.broadcast(q.effective_scale().detach(), w.dim())
         codes = w / s
         assert torch.allclose(codes, codes.round(), atol=1e-4), n  # a point of the grid
         floor = torch.floor(w0[n] / s).clamp(q.qmin, q.qmax)

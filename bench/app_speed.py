@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.tables import stamp  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -225,6 +227,7 @@ def main() -> None:
         headless, headless_cpu = headless_seconds(args, methods)
     work = f"QAT, {args.steps} steps" if args.recipe == "qat" else "block-wise reconstruction, "
     work += f"{args.iters} iterations per block" if args.recipe != "qat" else ""
+    print(stamp() + "\n")
     print(f"{os.cpu_count()} cores; {work} of {', '.join(methods)}, W8A4, {args.resolution} px\n")
     print("| where | seconds | CPU seconds meanwhile |\n|---|---|---|")
     print(

@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.tables import stamp  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -63,6 +65,7 @@ def main() -> None:
         raise SystemExit(f"training {job.status}: {job.message}")
     length = job.elapsed
     late = [r for r in readings if r[0] >= 0.1 * length]
+    print(stamp() + "\n")
     print(
         f"{os.cpu_count()} cores; {', '.join(methods)} at W4A4, {args.resolution} px: "
         f"reconstruction {args.iters} iterations per block, then {args.steps} QAT steps; "

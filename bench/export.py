@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.tables import markdown  # noqa: E402
+from bench.tables import markdown, stamp  # noqa: E402
 from lsq.config import make_config  # noqa: E402
 from lsq.convert import float_mode  # noqa: E402
 from lsq.export import deploy_model, export_onnx, onnx_logits  # noqa: E402
@@ -212,7 +212,7 @@ def main() -> None:
         args.batches, args.bits = "1,2", "8"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"$ {' '.join(['.venv/bin/python', *sys.argv])}\n")
+    print(stamp() + "\n")
     t0 = time.perf_counter()
     data = DataConfig(
         resolution=args.resolution, calib_views=args.calib, eval_views=args.eval_views

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.tables import markdown  # noqa: E402
+from bench.tables import markdown, stamp  # noqa: E402
 from lsq.config import make_config, resolve_weight_init  # noqa: E402
 from lsq.export import export_run  # noqa: E402
 from lsq.pipeline import (  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> None:
         args.resolution, args.calib, args.views, args.recon = 64, 8, 8, 1
         cases = [("lsq", 4, False), ("lsq", 4, True)]
     torch.set_num_threads(args.threads)
-    print(f"$ {' '.join(['.venv/bin/python', *sys.argv])}\n")
+    print(stamp() + "\n")
     t0 = time.perf_counter()
     data = DataConfig(
         resolution=args.resolution,

@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from bench.tables import markdown  # noqa: E402
+from bench.tables import markdown, stamp  # noqa: E402
 from lsq.calibrate import calibrate  # noqa: E402
 from lsq.config import make_config  # noqa: E402
 from lsq.convert import quantize_model  # noqa: E402
@@ -133,7 +133,7 @@ def main() -> int:
     else:
         device, models, resolution, batch, warmup, steps = "cuda", MODELS, 224, 128, 10, args.steps
         torch.backends.cudnn.benchmark = True
-        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+        print(stamp(), flush=True)
     t0 = time.perf_counter()
     table = step_table(models, resolution, batch, torch.device(device), warmup, steps)
     amp = "bf16 autocast" if device == "cuda" else "fp32"

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.app_speed import ARGS, CHARTS_DRAWN, CHROMIUM, READY, serve  # noqa: E402
+from bench.tables import stamp  # noqa: E402
 
 LAYERS = (
     "conv_stem,blocks.0.0.conv_dw,blocks.1.0.conv_pw,blocks.3.0.conv_pw,blocks.5.0.conv_dw,"
@@ -93,6 +94,7 @@ def main() -> None:
                 flush=True,
             )
         browser.close()
+    print(stamp() + "\n")
     print(f"{args.moves} moves per layer, default calibration (224 px, W8A4), Chromium\n")
     print("| layer | layer's numbers: median s | worst s | model's KL: median s | worst s |")
     print("|---|---|---|---|---|")
@@ -116,6 +118,7 @@ def headless(layers: list[str], moves: int) -> None:
     bench = prepare(default.model, default.data)
     quantize_model(bench.model, default.config("lsq+"))  # the lab turns every quantizer off
     views = bench.eval[:LAB_VIEWS]
+    print(stamp() + "\n")
     print(f"RangeLab alone, {len(views)} views at {views.shape[-1]} px, median of {moves}\n")
     print("| layer | units rerun | open ms | layer's numbers ms | model's answer ms | both ms |")
     print("|---|---|---|---|---|---|")

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.tables import markdown  # noqa: E402
+from bench.tables import markdown, stamp  # noqa: E402
 from lsq.config import make_config, resolve_weight_init  # noqa: E402
 from lsq.data import named_bundled_images, scene_folds  # noqa: E402
 from lsq.pipeline import (  # noqa: E402
@@ -381,17 +381,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke size (64 px, 8 views, 2 iterations and steps, 2 folds unless given)",
+        help="a smoke size (64 px, 8 views, at most 2 iterations and steps)",
     )
     args = p.parse_args(argv)
     if args.quick:
         args.resolution, args.calib, args.eval_views, args.recon_views = 64, 8, 8, 8
-        args.iters, args.steps, args.folds = 2, min(args.steps, 2), args.folds or 2
+        args.iters, args.steps = min(args.iters, 2), min(args.steps, 2)  # 0 stays 0
         args.bits = [b for b in args.bits if b == (4, 4)] or [(4, 4)]
     global TIMING
     TIMING = not args.no_timing
     torch.set_num_threads(args.threads)
-    command = "python bench/lowbit.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
     data = DataConfig(
         resolution=args.resolution,
@@ -421,16 +420,19 @@ def main(argv: list[str] | None = None) -> None:
         else "right after init (no reconstruction, no QAT)"
     )
     out = [
-        f"`{command}`: bundled {args.model}, {args.resolution} px, {args.calib} calibration "
+        stamp(argv),
+        "",
+        f"Bundled {args.model}, {args.resolution} px, {args.calib} calibration "
         f"views, {recipe_words}; {args.eval_views} held-out evaluation views; torch "
-        f"{torch.__version__}, {args.threads} threads"
+        f"{torch.__version__}, {args.threads} threads",
     ]
     if not args.skip_main:
         log("method x bits")
         table = method_table(make_bench(data), args.bits, methods, recon, train)
         out += [
             "",
-            "#### Methods x bits: init, block-wise reconstruction, QAT",
+            "#### Methods x bits: "
+            + ("init, block-wise reconstruction, QAT" if args.iters else "right after init"),
             "",
             markdown(table),
         ]

@@ -42,7 +42,11 @@ def main() -> None:
     from lsq.config import make_config
     from lsq.convert import quantize_model
     from lsq.data import bundled_images, make_views
-    from lsq.metrics import distillation_loss
+
+    try:
+        from lsq.metrics import distillation_loss
+    except ImportError:  # a checkout from before lsq/metrics.py held it
+        from lsq.train import distillation_loss
     from lsq.models import load_model
     from lsq.train import TrainConfig, train
 
@@ -99,6 +103,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, fn in cases.items():
             times[name].append(fn())
+    sys.path.insert(0, str(ROOT))
+    from bench.tables import stamp
+
+    print(stamp() + "\n")
     print(f"code: {args.code}, torch {torch.__version__}, {torch.get_num_threads()} threads, ")
     print(f"{os.cpu_count()} cores; {args.rounds} rounds of {args.steps} steps each\n")
     print("| QAT loop (lsq.train.train) | ms/step | float ms/step | ratio (median of rounds) |")

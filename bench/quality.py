@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from bench.tables import markdown  # noqa: E402
+from bench.tables import markdown, stamp  # noqa: E402
 from lsq.config import make_config  # noqa: E402
 from lsq.init import minmax_init, mse_init, quant_mse  # noqa: E402
 from lsq.pipeline import (  # noqa: E402
@@ -266,6 +266,7 @@ def main() -> None:
             )
         )
     wall = time.perf_counter() - t0
+    print(stamp() + "\n")
     print(
         f"bundled EfficientNet-Lite0, {args.resolution} px, {args.calib} calibration/training "
         "views, "

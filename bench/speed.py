@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.tables import markdown  # noqa: E402
+from bench.tables import markdown, stamp  # noqa: E402
 from lsq.quantizers import fake_quantize  # noqa: E402
 
 REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
@@ -228,7 +228,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--rounds", str(rounds)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(stamp() + "\n")
+    print(f"{torch.get_num_threads()} threads")
     for mode, res in results.items():
         print(f"\n## {mode}\n")
         q = pd.DataFrame(res["quantizer"])

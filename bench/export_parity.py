@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench.tables import markdown, stamp  # noqa: E402
-from lsq.config import make_config, resolve_weight_init  # noqa: E402
+from lsq.config import make_config  # noqa: E402
 from lsq.export import export_run  # noqa: E402
 from lsq.pipeline import (  # noqa: E402
     DataConfig,
@@ -53,7 +53,7 @@ def parity_rows(bench, cases, views: int, recon_iters: int, root: Path) -> pd.Da
     rows = []
     for method, bits, recon in cases:
         t = time.perf_counter()
-        config = make_config(method, bits, bits, weight_init=resolve_weight_init(method, bits))
+        config = make_config(method, bits, bits, weight_init="auto")
         result = init_method(bench, config)
         stage = "init"
         if recon:

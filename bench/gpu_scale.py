@@ -82,13 +82,7 @@ def step_table(models, resolution, batch, device, warmup, steps) -> pd.DataFrame
 
 def app_flow(device: str, smoke: bool) -> pd.DataFrame:
     """The app's default flow (bundled Lite0, LSQ+ W4A4, reconstruction then QAT): stage times."""
-    from lsq.pipeline import (
-        DataConfig,
-        init_method,
-        prepare,
-        reconstruct_method,
-        train_method,
-    )
+    from lsq.pipeline import DataConfig, Recipe, init_method, prepare, run_recipe
     from lsq.reconstruct import ReconstructConfig
     from lsq.train import TrainConfig
 
@@ -101,12 +95,16 @@ def app_flow(device: str, smoke: bool) -> pd.DataFrame:
     t = time.perf_counter()
     result = init_method(bench, make_config("lsq+", 4, 4))
     times["calibrate + MSE init"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = reconstruct_method(bench, result, recon)
-    times[f"reconstruction ({recon.iters} iterations per unit)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = train_method(bench, result, train)
-    times[f"QAT ({train.steps} steps)"] = time.perf_counter() - t
+    marks = {"initialised": time.perf_counter()}
+    result = run_recipe(
+        bench,
+        result,
+        Recipe(recon, train, save=False),
+        on_stage=lambda stage, _: marks.setdefault(stage, time.perf_counter()),
+    ).final
+    rec_s = marks["reconstructed"] - marks["initialised"]
+    times[f"reconstruction ({recon.iters} iterations per unit)"] = rec_s
+    times[f"QAT ({train.steps} steps)"] = marks["trained"] - marks["reconstructed"]
     times["total"] = sum(times.values())
     print(f"  app flow: agreement {result.metrics['agreement']:.3f}", file=sys.stderr)
     return pd.DataFrame({"stage": list(times), "seconds": list(times.values())})

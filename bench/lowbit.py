@@ -45,14 +45,16 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench.tables import markdown, stamp  # noqa: E402
-from lsq.config import make_config, resolve_weight_init  # noqa: E402
+from lsq.config import make_config  # noqa: E402
 from lsq.data import named_bundled_images, scene_folds  # noqa: E402
 from lsq.pipeline import (  # noqa: E402
     DataConfig,
     ModelSpec,
+    Recipe,
     init_method,
     prepare,
     reconstruct_method,
+    run_recipe,
     train_method,
 )
 from lsq.reconstruct import ReconstructConfig  # noqa: E402
@@ -69,8 +71,7 @@ def log(msg: str) -> None:
 
 def config(method: str, w: int, a: int, **changes):
     """The method at these bits with the app's weight init ("auto")."""
-    wi = resolve_weight_init(method, w, "auto")
-    return make_config(method, w, a, weight_init=wi, **changes)
+    return make_config(method, w, a, weight_init="auto", **changes)
 
 
 def stage(name: str, metrics) -> dict:
@@ -85,18 +86,18 @@ def stage(name: str, metrics) -> dict:
 
 
 def recipe(bench, cfg, recon: ReconstructConfig | None, train: TrainConfig | None) -> dict:
-    """Init, reconstruction (``recon`` None: none), QAT: each stage's agreement and KL
-    (held-out and calibration views), and the seconds taken."""
+    """Init, reconstruction (``recon`` None: none, and no QAT either), QAT for the methods with
+    learned ranges: each stage's agreement and KL (held-out and calibration views), and the
+    seconds taken after init."""
     init = init_method(bench, cfg)
     row = stage("init", init.metrics)
-    t0 = time.perf_counter()
     if recon is None:
         return row
-    rec = reconstruct_method(bench, init, recon)
-    row.update(stage("rec", rec.metrics))
-    if train is not None and cfg.learnable:
-        qat = train_method(bench, rec, train)
-        row.update(stage("QAT", qat.metrics))
+    t0 = time.perf_counter()
+    out = run_recipe(bench, init, Recipe(recon, train if cfg.learnable else None, save=False))
+    row.update(stage("rec", out.reconstructed.metrics))
+    if out.trained is not None:
+        row.update(stage("QAT", out.trained.metrics))
     if TIMING:
         row["seconds"] = time.perf_counter() - t0
     return row

@@ -21,7 +21,6 @@ from lsq.config import (
     WEIGHT_INIT_CHOICES,
     QuantConfig,
     make_config,
-    resolve_weight_init,
 )
 from lsq.errors import LSQError
 from lsq.export import DEFAULT_OFFSET, FORMATS, OFFSET_ROUTES
@@ -331,21 +330,6 @@ def recon_config(args) -> ReconstructConfig | None:
     )
 
 
-def _reconstruct(bench, result, recon_cfg: ReconstructConfig):
-    """Block-wise reconstruction with a progress bar; returns the new result."""
-    from lsq.pipeline import reconstruct_method
-
-    with tqdm(file=sys.stderr, desc="reconstruction", leave=False) as bar:
-
-        def on_event(e):
-            bar.total = e.total
-            if e.kind == "step":
-                bar.update(1)
-                bar.set_postfix(unit=e.unit, loss=f"{e.loss:.4g}")
-
-        return reconstruct_method(bench, result, recon_cfg, on_event=on_event)
-
-
 def _fmt_metrics(m: dict) -> str:
     return (
         f"agreement {m['agreement']:.3f} (confident views {m['confident_agreement']:.3f}), "
@@ -356,7 +340,7 @@ def _fmt_metrics(m: dict) -> str:
 
 def run_config(args) -> QuantConfig:
     """The QuantConfig of ``run``'s options: the preset, weight init as in the app, overrides."""
-    overrides = {"weight_init": resolve_weight_init(args.method, args.w_bits, args.weight_init)}
+    overrides = {"weight_init": args.weight_init}
     if getattr(args, "weights_float", False):  # run only
         overrides["quantize_weights"] = False
     for key in ("act_mode", "act_init"):
@@ -368,14 +352,8 @@ def run_config(args) -> QuantConfig:
 
 
 def cmd_run(args) -> int:
-    from lsq.pipeline import (
-        finish_run,
-        init_method,
-        layer_frame,
-        start_run,
-        train_method,
-        write_progress,
-    )
+    from lsq.pipeline import Recipe, init_method, run_recipe
+    from lsq.reconstruct import ReconstructEvent
 
     t0 = time.perf_counter()
     steps = whole_number(TRAIN.steps if args.steps is None else args.steps, "--steps", 0)
@@ -386,32 +364,43 @@ def cmd_run(args) -> int:
     result = init_method(bench, config, progress)
     bar.close()
     print(f"{config.label} after init: {_fmt_metrics(result.metrics_init)}")
-    run = start_run(bench, result, train_cfg, root=args.runs_dir)
-    if recon_cfg is not None:
-        result = _reconstruct(bench, result, recon_cfg)
+    bars: dict[str, tqdm] = {}
+
+    def on_event(e) -> None:
+        """One bar per stage: units' iterations, then QAT steps."""
+        recon = isinstance(e, ReconstructEvent)
+        name = "reconstruction" if recon else "QAT"
+        if name not in bars:
+            bars[name] = tqdm(file=sys.stderr, desc=name, leave=False, total=steps or None)
+        if recon:
+            bars[name].total = e.total
+        if e.kind == "step":
+            bars[name].update(1)
+            where = {"unit": e.unit} if recon else {}
+            bars[name].set_postfix(**where, loss=f"{e.loss:.4g}")
+
+    def on_stage(stage: str, result) -> None:
+        for b in bars.values():
+            b.close()
         if result.status != Status.COMPLETE:
-            print(f"reconstruction {result.status}: {result.message}", file=sys.stderr)
-        print(
-            f"{config.label} after reconstruction ({recon_cfg.iters} iterations per unit): "
-            f"{_fmt_metrics(result.metrics_final)}"
+            what = "reconstruction" if stage == "reconstructed" else "training"
+            print(f"{what} {result.status}: {result.message}", file=sys.stderr)
+        how = (
+            f"reconstruction ({recon_cfg.iters} iterations per unit)"
+            if stage == "reconstructed"
+            else f"{steps} QAT steps"
         )
-    if train_cfg is not None:
-        history = []
-        with tqdm(total=steps, file=sys.stderr, desc="QAT", leave=False) as tbar:
+        print(f"{config.label} after {how}: {_fmt_metrics(result.metrics_final)}")
 
-            def on_event(e):
-                history.append(e)
-                if e.kind == "step":
-                    tbar.update(1)
-                    tbar.set_postfix(loss=f"{e.loss:.4f}")
-                    if e.step % 10 == 0:
-                        write_progress(run, history)
-
-            result = train_method(bench, result, train_cfg, on_event=on_event)
-        if result.status != Status.COMPLETE:
-            print(f"training {result.status}: {result.message}", file=sys.stderr)
-        print(f"{config.label} after {steps} QAT steps: {_fmt_metrics(result.metrics_final)}")
-    table = layer_frame(bench, result.copy_model())
+    outcome = run_recipe(
+        bench,
+        result,
+        Recipe(recon_cfg, train_cfg),
+        on_event=on_event,
+        on_stage=on_stage,
+        root=args.runs_dir,
+    )
+    result, table = outcome.final, outcome.layers
     worst = table.nsmallest(5, "output_sqnr_db")[
         [
             "layer",
@@ -428,8 +417,7 @@ def cmd_run(args) -> int:
     ]
     print("\nworst layers (output SQNR against the float model, held-out and calibration views):")
     print(worst.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    finish_run(run, bench, result, layers=table)
-    print(f"\nsaved run: {run.path}  ({time.perf_counter() - t0:.0f} s)")
+    print(f"\nsaved run: {result.run_path}  ({time.perf_counter() - t0:.0f} s)")
     return 0 if result.status in (Status.COMPLETE, Status.STOPPED) else 1
 
 

@@ -136,9 +136,14 @@ METHODS: dict[str, QuantConfig] = {
 def make_config(
     method: str = "lsq+", w_bits: int = 4, a_bits: int = 4, **changes: Any
 ) -> QuantConfig:
-    """The preset ``method`` at the given bits, with optional field changes."""
+    """The preset ``method`` at the given bits, with optional field changes.
+
+    A ``weight_init`` of "auto" or "method" is resolved here (``resolve_weight_init``).
+    """
     if method not in METHODS:
         raise LSQError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if changes.get("weight_init") in ("auto", "method"):
+        changes["weight_init"] = resolve_weight_init(method, w_bits, changes["weight_init"])
     return METHODS[method].with_(w_bits=w_bits, a_bits=a_bits, **changes)
 
 

@@ -333,14 +333,14 @@ class Checks:
 
     def default_flow(self) -> str:
         """The app's "Run the default": four methods at W8A4, each initialised and saved."""
-        from lsq.config import make_config, resolve_weight_init
+        from lsq.config import make_config
         from lsq.pipeline import init_method, save_result
 
         bench = self.bench()
         w, a = DEFAULT_BITS
         notes = []
         for method in DEFAULT_METHODS:
-            config = make_config(method, w, a, weight_init=resolve_weight_init(method, w, "auto"))
+            config = make_config(method, w, a, weight_init="auto")
             result = save_result(bench, init_method(bench, config), root=self.runs / "default")
             notes.append(f"{method} {result.metrics_init['agreement']:.2f}")
         return f"W{w}A{a} agreement: " + ", ".join(notes) + f" ({len(bench.eval)} views)"

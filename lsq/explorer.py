@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from lsq.analysis import grid_at_step, grid_levels, histogram_frame, sensitivity
-from lsq.config import METHODS, WEIGHT_INIT_CHOICES, QuantConfig, make_config, resolve_weight_init
+from lsq.config import METHODS, WEIGHT_INIT_CHOICES, QuantConfig, make_config
 from lsq.convert import quant_layers
 from lsq.errors import LSQError
 from lsq.health import combine, model_health
@@ -41,19 +41,16 @@ from lsq.pipeline import (
     DataConfig,
     MethodResult,
     ModelSpec,
+    Recipe,
     Stage,
     Workbench,
     command,
-    finish_run,
     history_frames,
     init_method,
     layer_frame,
     prepare,
-    reconstruct_method,
+    run_recipe,
     save_result,
-    start_run,
-    train_method,
-    write_progress,
 )
 from lsq.plots import Grid, LabPicture
 from lsq.reconstruct import (
@@ -64,7 +61,6 @@ from lsq.reconstruct import (
     unit_frame,
 )
 from lsq.runs import LoadedRun, list_runs, load_run
-from lsq.status import Status
 from lsq.train import TrainConfig, TrainEvent
 
 
@@ -101,7 +97,7 @@ class Settings:
             self.w_bits,
             self.a_bits,
             quantize_weights=self.quantize_weights,
-            weight_init=resolve_weight_init(method, self.w_bits, self.weight_init),
+            weight_init=self.weight_init,
         )
 
     @property
@@ -393,8 +389,6 @@ def train_job(
         start = comp.initial[method]
         if continue_trained:
             start = comp.trained.get(method, start)
-        run = start_run(bench, start, train_cfg)
-        history = []
 
         def report(stage: str, done: int, cost: float, i=i) -> None:
             per_method = work["recon"] + steps
@@ -408,10 +402,9 @@ def train_job(
                 seconds=recon_cfg is not None,
             )
 
-        if recon_cfg is not None:
-
-            def on_unit(e, method=method) -> None:
-                job.add_event((method, e))
+        def on_event(e, method=method) -> None:
+            job.add_event((method, e))
+            if isinstance(e, ReconstructEvent):
                 work["recon"], work["recon_cost"] = e.total, e.work_total
                 step_batches = train_cfg.batch_size / recon_cfg.batch_size if steps else 0
                 work["step_cost"] = e.model_step * 4 / 3 * step_batches
@@ -423,30 +416,22 @@ def train_job(
                 work["after"] = (both + qat_evals + 4 * LAYER_VIEWS) * view
                 if e.kind == "step":
                     report(f"reconstructing {method}: {e.unit}", e.step, work["before"] + e.work)
-
-            start = reconstruct_method(
-                bench, start, recon_cfg, on_event=on_unit, should_stop=job.stop_requested
-            )
-            if start.status != Status.COMPLETE or train_cfg is None:
-                published[method] = finish_run(run, bench, start)
-                continue
-            reconstructed[method] = start  # published too, beside the trained result
-
-        def on_event(e, method=method, run=run, history=history) -> None:
-            job.add_event((method, e))
-            history.append(e)
-            if e.kind == "step" and e.step % 10 == 0:
-                write_progress(run, history)
-            if e.kind == "step":
+            elif e.kind == "step":
                 done = work["before"] + work["recon_cost"] + work["between"]
                 report(
                     f"training {method}", work["recon"] + e.step, done + e.step * work["step_cost"]
                 )
 
-        result = train_method(
-            bench, start, train_cfg, on_event=on_event, should_stop=job.stop_requested
+        outcome = run_recipe(
+            bench,
+            start,
+            Recipe(recon_cfg, train_cfg),
+            on_event=on_event,
+            should_stop=job.stop_requested,
         )
-        published[method] = finish_run(run, bench, result)
+        published[method] = outcome.final
+        if outcome.trained is not None and outcome.reconstructed is not None:
+            reconstructed[method] = outcome.reconstructed  # published too, beside the trained
     if not job.stop_requested():
         job.progress("done", job.total, job.total)
     return comp.with_results(reconstructed).with_results(published)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lsq.analysis import layer_table, model_metrics
 from lsq.calibrate import ActStats, LayerInit, collect_stats, init_from_stats
-from lsq.config import QuantConfig, make_config, resolve_weight_init
+from lsq.config import QuantConfig, make_config
 from lsq.convert import quantize_model
 from lsq.data import MAX_RESOLUTION, MIN_RESOLUTION
 from lsq.device import resolve_device
@@ -578,6 +578,89 @@ def save_result(
     return finish_run(start_run(bench, result, train_cfg, root), bench, result)
 
 
+#: A training run's metrics and trajectories are saved every this many steps while it runs.
+PROGRESS_EVERY = 10
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What follows init: block-wise reconstruction (``recon``), then QAT (``train``) on top;
+    either may be None. The result is saved as a run unless ``save`` is False."""
+
+    recon: ReconstructConfig | None = None
+    train: TrainConfig | None = None
+    save: bool = True
+
+
+@dataclass(frozen=True)
+class RecipeOutcome:
+    """Each stage's result (None where the recipe had no such stage or stopped before it), the
+    last one, and its per-layer table when the run was saved."""
+
+    initial: MethodResult
+    reconstructed: MethodResult | None
+    trained: MethodResult | None
+    layers: pd.DataFrame | None = None
+
+    @property
+    def final(self) -> MethodResult:
+        return self.trained or self.reconstructed or self.initial
+
+
+def run_recipe(
+    bench: Workbench,
+    start: MethodResult,
+    recipe: Recipe,
+    on_event: Callable[[ReconstructEvent | TrainEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_stage: Callable[[str, MethodResult], None] | None = None,
+    root=None,
+) -> RecipeOutcome:
+    """The recipe from ``start`` (initialised, or a trained result to continue): reconstruction,
+    then QAT unless reconstruction did not complete, then the saved run (its folder made first,
+    so a crash leaves it marked incomplete; the training history saved every ``PROGRESS_EVERY``
+    steps). ``on_event`` sees every reconstruction and training event, ``on_stage`` each
+    finished stage ("reconstructed", "trained") before the run is saved. The CLI's ``run`` and
+    ``compare``, the app's Train page and bench/lowbit.py all go through here."""
+    run = start_run(bench, start, recipe.train, root) if recipe.save else None
+    reconstructed = trained = None
+    result = start
+    if recipe.recon is not None:
+        result = reconstructed = reconstruct_method(
+            bench, start, recipe.recon, on_event=on_event, should_stop=should_stop
+        )
+        if on_stage is not None:
+            on_stage("reconstructed", result)
+    if recipe.train is not None and result.status == Status.COMPLETE:
+        history: list[TrainEvent] = []
+
+        def on_train(e: TrainEvent) -> None:
+            history.append(e)
+            if run is not None and e.kind == "step" and e.step % PROGRESS_EVERY == 0:
+                write_progress(run, history)
+            if on_event is not None:
+                on_event(e)
+
+        result = trained = train_method(
+            bench, result, recipe.train, on_event=on_train, should_stop=should_stop
+        )
+        if on_stage is not None:
+            on_stage("trained", result)
+    layers = None
+    if run is not None:
+        layers = layer_frame(bench, result.copy_model())
+        result = finish_run(run, bench, result, layers)
+        if trained is not None:
+            trained = result
+        else:
+            reconstructed = result
+    return RecipeOutcome(start, reconstructed, trained, layers)
+
+
+#: The numbers ``compare`` reports of each stage.
+COMPARED = ("agreement", "confident_agreement", "kl")
+
+
 def compare(
     bench: Workbench,
     methods: list[str],
@@ -596,33 +679,17 @@ def compare(
     total = len(methods) * len(bits)
     for i, (method, b) in enumerate((m, b) for m in methods for b in bits):
         progress("comparing", i, total)
-        cfg = make_config(method, b, b, weight_init=resolve_weight_init(method, b, weight_init))
-        res = init_method(bench, cfg, progress)
-        row = {
-            "method": method,
-            "bits": b,
-            "init_agreement": res.metrics_init["agreement"],
-            "init_confident_agreement": res.metrics_init["confident_agreement"],
-            "init_kl": res.metrics_init["kl"],
-        }
-        if recon_cfg is not None:
-            res = reconstruct_method(bench, res, recon_cfg)
-            row.update(
-                rec_agreement=res.metrics_final["agreement"],
-                rec_confident_agreement=res.metrics_final["confident_agreement"],
-                rec_kl=res.metrics_final["kl"],
-                status=res.status,
-            )
-        if train_cfg is not None:
-            res = train_method(bench, res, train_cfg)
-            row.update(
-                qat_agreement=res.metrics_final["agreement"],
-                qat_confident_agreement=res.metrics_final["confident_agreement"],
-                qat_kl=res.metrics_final["kl"],
-                status=res.status,
-            )
+        cfg = make_config(method, b, b, weight_init=weight_init)
+        init = init_method(bench, cfg, progress)
+        out = run_recipe(bench, init, Recipe(recon_cfg, train_cfg, save=False))
+        row = {"method": method, "bits": b}
+        for prefix, res in (("init", init), ("rec", out.reconstructed), ("qat", out.trained)):
+            if res is not None:
+                row.update({f"{prefix}_{k}": res.metrics[k] for k in COMPARED})
+        if out.final is not init:
+            row["status"] = out.final.status
         rows.append(row)
-        del res
+        del init, out
     progress("comparing", total, total)
     return pd.DataFrame(rows)
 

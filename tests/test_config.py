@@ -74,9 +74,10 @@ def test_unknown_method_lists_the_choices():
 def test_weight_init_auto_is_the_methods_rule_below_6_bits_and_mse_from_6(
     method, w_bits, choice, expected
 ):
-    from lsq.config import resolve_weight_init
+    from lsq.config import make_config, resolve_weight_init
 
     assert resolve_weight_init(method, w_bits, choice) == expected
+    assert make_config(method, w_bits, 4, weight_init=choice).weight_init == expected
 
 
 def test_the_cli_and_the_app_build_the_same_config_for_the_same_bits():

@@ -327,3 +327,49 @@ def test_time_left_starts_from_an_estimate_in_seconds_and_follows_the_pace(monke
     job.progress("reconstructing", 5, 10, work=(50.0, 100.0), seconds=True)
     pace = (100 + PACE_PRIOR_S) / (50 + PACE_PRIOR_S)
     assert job.remaining == pytest.approx(pace * 50)
+
+
+def test_the_recipe_trains_only_after_a_whole_reconstruction_and_saves_its_last_stage(
+    calibrated, tmp_path
+):
+    """``run_recipe``, the one recipe of the CLI, the app and the benchmarks: a reconstruction
+    stopped part-way is the last stage (no QAT starts from it, its run says "reconstructed");
+    a whole one is trained on top, the training history saved while it runs."""
+    from lsq.pipeline import PROGRESS_EVERY, Recipe, run_recipe
+    from lsq.reconstruct import ReconstructConfig
+    from lsq.runs import run_stage
+    from lsq.status import Status
+    from lsq.train import TrainEvent
+
+    bench, init = calibrated.bench, calibrated.initial["lsq+"]
+    recon = ReconstructConfig(iters=3, batch_size=8, device="cpu")
+    events = []
+    stopped = run_recipe(
+        bench,
+        init,
+        Recipe(recon, train_cfg(2)),
+        on_event=events.append,
+        should_stop=lambda: len(events) >= 3,
+        root=tmp_path / "stopped",
+    )
+    assert stopped.reconstructed.status == Status.STOPPED and stopped.trained is None
+    assert not any(isinstance(e, TrainEvent) for e in events)
+    info = load_run(stopped.final.run_path).info
+    assert (run_stage(info), info.status) == ("reconstructed", "stopped")
+
+    saved_while_training = []
+
+    def on_event(e):
+        if isinstance(e, TrainEvent) and e.kind == "step" and e.step == PROGRESS_EVERY:
+            for path in (tmp_path / "whole").glob("*/metrics.csv"):
+                saved_while_training.append(pd.read_csv(path)["step"].max())
+
+    whole = run_recipe(
+        bench, init, Recipe(recon, train_cfg(PROGRESS_EVERY)), on_event, root=tmp_path / "whole"
+    )
+    assert whole.reconstructed.status == Status.COMPLETE and whole.final is whole.trained
+    assert whole.trained.stage == Stage.TRAINED and whole.reconstructed.run_path is None
+    assert saved_while_training == [PROGRESS_EVERY], "the history saved while training"
+    info = load_run(whole.final.run_path).info
+    assert (run_stage(info), info.status) == ("reconstructed, then trained", "complete")
+    assert len(whole.layers) == len(init.init_report)

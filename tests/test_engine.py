@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from helpers import Toy
 
 from lsq import LSQError, make_config, quantize_model
 from lsq.analysis import layer_table, model_metrics, sensitivity
@@ -12,21 +12,6 @@ from lsq.calibrate import ActStats, calibrate, collect_stats
 from lsq.convert import quant_layers
 from lsq.metrics import sqnr_db
 from lsq.train import TrainConfig, train
-
-
-class Toy(nn.Module):
-    """Input -> conv (sees the raw input) -> ReLU -> conv -> pool -> linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        return self.fc(x.mean((2, 3)))
 
 
 def toy_data(n=64, seed=0):

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import plant_bias_error
+from helpers import Tiny, Untraceable, plant_bias_error
 from onnx import numpy_helper
 from safetensors import safe_open
 from timm.layers.conv2d_same import Conv2dSame
@@ -296,19 +296,6 @@ def test_quantizers_off_the_exported_float_graph_equals_pytorch(bundled, tmp_pat
 
 
 # --- the offset: fold and snap -------------------------------------------------------------------
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pw = nn.Conv2d(4, 6, 1)
-        self.conv = nn.Conv2d(6, 5, 3, padding=1)
-        self.fc = nn.Linear(5, 3)
-
-    def forward(self, x):
-        x = self.pw(x)
-        x = self.conv(x)
-        return self.fc(x.mean((2, 3)))
-
-
 def tiny_quantized(bits=4):
     torch.manual_seed(0)
     x = torch.randn(8, 4, 6, 6) - 0.5  # negatives: LSQ+ offsets are well away from 0
@@ -526,15 +513,6 @@ def test_integer_safetensors_hold_codes_scales_zero_points_and_the_arithmetic_wo
 
 
 # --- bad input, runs, atomic writes ---------------------------------------------------------------
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def forward(self, x):
-        return torch.special.bessel_j0(self.conv(x))  # no ONNX operator for this
-
-
 def test_bad_input_is_refused_in_words(resnet, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     model = quantized(resnet, make_config("lsq+", 8, 8), x)

@@ -5,7 +5,7 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from helpers import SwishChain
 
 from lsq import make_config, quantize_model
 from lsq.analysis import layer_table
@@ -26,31 +26,14 @@ from lsq.health import (
 from lsq.quantizers import SCALE_FLOOR
 from lsq.runs import Run, load_run
 
-
-class Net(nn.Module):
-    """Swish activations (negative inputs downstream), a plain chain of convs."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.c = nn.Conv2d(8, 8, 1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = nn.functional.silu(self.a(x))
-        x = nn.functional.silu(self.b(x))
-        return self.fc(nn.functional.silu(self.c(x)).mean((2, 3)))
-
-
 VIEWS = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def build(method: str = "lsq+", bits: int = 8, dead: bool = False):
-    """Net quantized with ``method`` and calibrated; ``dead``: the float model's layer c has a
-    dead output channel (0), as the bundled model has in 28 layers."""
+    """SwishChain quantized with ``method`` and calibrated; ``dead``: the float model's layer c
+    has a dead output channel (0), as the bundled model has in 28 layers."""
     torch.manual_seed(0)
-    model = Net().eval()
+    model = SwishChain().eval()
     if dead:
         with torch.no_grad():
             model.c.weight[0].zero_()
@@ -236,7 +219,7 @@ def test_training_counts_flips_only_in_the_layers_it_trains():
     from lsq.train import TrainConfig, train
 
     cfg = TrainConfig(steps=2, batch_size=4, eval_every=2, compile=False, device="cpu")
-    teacher = Net().eval()
+    teacher = SwishChain().eval()
     model, _ = build("lsq+", 4)
     steps = [e for e in train(model, teacher, VIEWS, VIEWS, cfg) if e.kind == "step"]
     assert [set(e.flips) for e in steps] == [{"a", "b", "c", "fc"}] * 2
@@ -255,7 +238,7 @@ FOUR = ("lsq+", "lsq", "lsq-signed", "minmax")
 
 
 def comparison(methods, dead: bool = True, change=None):
-    """A ``Comparison`` of ``methods`` right after init on Net (the float model with a dead
+    """A ``Comparison`` of ``methods`` right after init on SwishChain (the float model with a dead
     channel in layer c when ``dead``); ``change(method, layers)`` alters a method's quantizers."""
     from types import SimpleNamespace
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import ChainNet
+from helpers import ChainNet, Plain
 from torch import nn
 
 from lsq import LSQError, make_config, quantize_model
@@ -116,21 +116,6 @@ def test_intro_lsq_plus_beats_both_lsq_grids_at_every_bit_width():
         assert grids["lsq"].split.clip > 0  # the unsigned grid clips the negatives
         for g in grids.values():
             assert g.split.clip + g.split.round == pytest.approx(g.split.total, rel=1e-12)
-
-
-class Plain(nn.Module):
-    """No forward_features: the lab must fall back to whole forwards."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = torch.nn.functional.silu(self.a(x))
-        x = torch.nn.functional.silu(self.b(x)) - 0.1
-        return self.fc(x.mean((2, 3)))
 
 
 def quantized(model: nn.Module, views: torch.Tensor) -> nn.Module:

@@ -4,22 +4,12 @@ import copy
 import json
 
 import torch
-from torch import nn
+from helpers import OneConv
 
 from lsq import make_config, quantize_model
 from lsq.calibrate import calibrate
 from lsq.data import TensorViews
 from lsq.train import TrainConfig, train
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 class Recording:
@@ -37,7 +27,7 @@ class Recording:
 
 def test_qat_on_fresh_views_draws_new_views_each_step_and_learns():
     torch.manual_seed(0)
-    teacher = Net().eval()
+    teacher = OneConv().eval()
     model = copy.deepcopy(teacher)
     cfg = make_config("lsq+", 3, 3, first_last_bits=None)
     quantize_model(model, cfg)

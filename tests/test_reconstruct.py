@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import timm
 import torch
-from helpers import ChainNet
+from helpers import ChainNet, SkipNet
 from torch import nn
 
 from lsq import LSQError, make_config, quantize_model
@@ -14,20 +14,6 @@ from lsq.calibrate import calibrate
 from lsq.convert import quant_layers
 from lsq.reconstruct import HEAD, ReconstructConfig, find_units, reconstruct, unit_frame
 from lsq.train import optimizer_step, param_groups
-
-
-class SkipNet(nn.Module):
-    """Not a chain: the input skips over the middle."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 3, 1)
-        self.fc = nn.Linear(3, 10)
-
-    def forward(self, x):
-        y = x + self.b(torch.relu(self.a(x)))
-        return self.fc(y.mean((2, 3)))
 
 
 def data(n=64, seed=0, size=8):

@@ -72,12 +72,16 @@ def test_every_results_table_carries_its_benchmarks_stamp():
     sections = results_sections()
     assert list(sections) == [s.key for s in SECTIONS]
     assert not tables_and_stamps(SECTION.sub("", text)), "a table outside the sections"
+    runs = {s.key: len(s.runs) for s in SECTIONS}
     measured = 0
     for key, body in sections.items():
         seen = tables_and_stamps(body)
         if seen:
             assert seen[0] == "stamp", f"{key}: a table above the first stamp"
+            assert seen.count("stamp") == runs[key], f"{key}: one stamp per command"
             measured += 1
+        for line in body.splitlines():
+            assert not line.startswith("*Measured") or STAMP.match(line), f"{key}: {line}"
         for m in STAMP.finditer(body):
             assert m["command"].startswith(".venv/bin/python bench/"), m[0]
     assert sections["headline"] and measured >= 1

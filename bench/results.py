@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies = {s.key: old.get(s.key) or placeholder(s) for s in SECTIONS}
     failed = []
     t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
     for section in SECTIONS:
         if section.key not in only:
             continue
@@ -328,10 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{section.key}] FAILED: {e}", file=sys.stderr)
             failed.append(section.key)
             continue
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(document(bodies))  # after each section: a crash keeps what was measured
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(document(bodies))
+    out.write_text(document(bodies))  # also when no section ran: placeholders for new ones
     readme = args.readme or (None if args.quick else README)
     if readme is not None:
         readme.write_text(copy_headline(out.read_text(), readme.read_text()))

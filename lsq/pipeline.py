@@ -652,8 +652,10 @@ def run_recipe(
         result = finish_run(run, bench, result, layers)
         if trained is not None:
             trained = result
-        else:
+        elif reconstructed is not None:
             reconstructed = result
+        else:  # nothing after init: the saved run is the initialised result
+            start = result
     return RecipeOutcome(start, reconstructed, trained, layers)
 
 
